@@ -1,0 +1,34 @@
+# Two entry points: `make pipeline` (set up, then dvc repro) and `make test` (set up, then pytest).
+# Both create .venv from the lock files on first use, and again whenever a lock file changes.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# DVC runs each stage's `python -m stages.X` through the shell: put the venv first on PATH.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: pipeline test setup lock bench
+
+pipeline: $(VENV)/.run-deps
+	dvc repro
+
+test: $(VENV)/.dev-deps
+	pytest
+
+setup: $(VENV)/.dev-deps
+
+$(VENV)/.run-deps: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-deps: $(VENV)/.run-deps requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+# Re-pin after editing requirements*.in (needs uv: pip install uv).
+lock:
+	uv pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 requirements.in -o requirements.txt
+	uv pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 requirements-dev.in -o requirements-dev.txt
+
+bench: $(VENV)/.dev-deps
+	python -m bench.train_speed

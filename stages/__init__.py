@@ -1,0 +1,1 @@
+"""The MNIST pipeline's stages: fetch -> prepare -> train -> evaluate (see dvc.yaml)."""

@@ -1,0 +1,123 @@
+"""Evaluate stage: scores the trained model on the 10,000 test images.
+
+Reads   params.yaml `evaluate`, MODEL (.keras), DATA/{x,y}_test.npy, LIVE/ (training curves).
+Writes  OUT/metrics.json   accuracy, loss, per-class precision/recall/F1/support
+        OUT/confusion.csv  one row per test image: actual,predicted (DVC confusion plots)
+        OUT/plots/         confusion.png, curves.png, errors.png (most confident mistakes)
+All of OUT is written at once, or not at all.
+"""
+
+import argparse
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from stages import figures, params
+from stages.common import PipelineError, atomic_dir, run_cli, write_json
+from stages.prepare import NUM_CLASSES, load_prepared
+
+EPSILON = 1e-7  # Keras' clip for log(0) in cross-entropy
+
+
+def cross_entropy(probs, labels):
+    """Mean categorical cross-entropy, as Keras computes it (clipped at EPSILON)."""
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], EPSILON, 1.0))))
+
+
+def compute_metrics(labels, probs):
+    """labels: (N,) ints; probs: (N, 10) softmax outputs -> the metrics dict."""
+    predicted = probs.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=range(NUM_CLASSES), zero_division=0
+    )
+    return {
+        "accuracy": float(np.mean(predicted == labels)),
+        "loss": cross_entropy(probs, labels),
+        "errors": int(np.sum(predicted != labels)),
+        "per_class": {
+            str(c): {
+                "precision": float(precision[c]),
+                "recall": float(recall[c]),
+                "f1": float(f1[c]),
+                "support": int(support[c]),
+            }
+            for c in range(NUM_CLASSES)
+        },
+    }
+
+
+def most_confident_errors(labels, probs, k):
+    """Indices of up to k misclassified images, highest predicted probability first."""
+    predicted = probs.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    confidence = probs[wrong, predicted[wrong]]
+    return wrong[np.argsort(-confidence, kind="stable")[:k]]
+
+
+def read_history(live_dir):
+    """dvclive's per-epoch TSVs -> DataFrame indexed by epoch (1-based): loss, val_loss, ..."""
+    metrics_dir = Path(live_dir) / "plots" / "metrics"
+    columns = {}
+    for split, prefix in (("train", ""), ("eval", "val_")):
+        for metric in ("loss", "accuracy"):
+            tsv = metrics_dir / split / f"{metric}.tsv"
+            if tsv.exists():
+                frame = pd.read_csv(tsv, sep="\t")
+                columns[prefix + metric] = frame.set_index(frame["step"] + 1)[metric]
+    if "loss" not in columns:
+        raise PipelineError(f"no training history in {metrics_dir}; run `dvc repro train` first")
+    return pd.DataFrame(columns).rename_axis("epoch")
+
+
+def load_model(path):
+    if not Path(path).exists():
+        raise PipelineError(f"{path} not found; run `dvc repro train` first")
+    return keras.saving.load_model(path)
+
+
+def write_outputs(out_dir, labels, probs, images, history, gallery_size):
+    with atomic_dir(out_dir) as tmp:
+        metrics = compute_metrics(labels, probs)
+        write_json(tmp / "metrics.json", metrics)
+        predicted = probs.argmax(axis=1)
+        pd.DataFrame({"actual": labels, "predicted": predicted}).to_csv(
+            tmp / "confusion.csv", index=False
+        )
+        plots = tmp / "plots"
+        plots.mkdir()
+        figures.confusion_heatmap(
+            confusion_matrix(labels, predicted, labels=range(NUM_CLASSES)), plots / "confusion.png"
+        )
+        figures.training_curves(history, plots / "curves.png")
+        worst = most_confident_errors(labels, probs, gallery_size)
+        figures.error_gallery(
+            images[worst], labels[worst], predicted[worst], probs[worst, predicted[worst]],
+            plots / "errors.png",
+        )  # fmt: skip
+    return metrics
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="trained .keras file")
+    parser.add_argument("--data", required=True, help="directory of prepared .npy arrays")
+    parser.add_argument("--live", required=True, help="dvclive directory written by train")
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    p = params.load("evaluate")
+    model = load_model(args.model)
+    test = load_prepared(args.data, splits=("test",))
+    history = read_history(args.live)
+    probs = model.predict(test["x_test"], batch_size=p.batch_size, verbose=0)
+    metrics = write_outputs(
+        args.out, test["y_test"], probs, test["x_test"], history, p.gallery_size
+    )
+    print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "
+          f"{metrics['errors']} errors -> {args.out}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_cli(main)

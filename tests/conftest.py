@@ -1,0 +1,60 @@
+"""Shared test helpers: the project root, params files with overrides, tiny datasets."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# The offline MNIST mirror beside the checkout (CI lays shared/ there too).
+MNIST_MIRROR = Path(os.environ.get("MNIST_MIRROR", ROOT.parent / "shared" / "datasets" / "mnist"))
+
+
+def write_params(path, **overrides):
+    """Copies the project's params.yaml to `path`, with overrides like train__epochs=1."""
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        doc[section][name] = value
+    Path(path).write_text(yaml.safe_dump(doc, sort_keys=False))
+    return doc
+
+
+def make_prepared(out_dir, n_train=96, n_val=32, n_test=64, seed=0):
+    """Writes a tiny learnable dataset in prepare's format: digit c is a bright 4x4 patch
+    at a position that depends on c, plus noise."""
+    rng = np.random.default_rng(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.uniform(0, 0.2, size=(n, 28, 28, 1)).astype(np.float32)
+        for i, c in enumerate(labels):
+            row, col = 2 + 8 * (c // 4), 2 + 6 * (c % 4)
+            images[i, row : row + 4, col : col + 4, 0] = 1.0
+        np.save(out_dir / f"x_{split}.npy", images)
+        np.save(out_dir / f"y_{split}.npy", labels)
+    return out_dir
+
+
+def run_stage(module, *args, env=None, cwd=None, check=True):
+    """Runs `python -m stages.<module> args` as DVC would; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-m", f"stages.{module}", *map(str, args)],
+        cwd=cwd, env=full_env, capture_output=True, text=True,
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"stages.{module} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty directory as the working directory, as DVC runs stages from the root."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,161 @@
+"""The train stage on tiny synthetic data: presets, resume, determinism, devices, backends."""
+
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages import evaluate, models, train
+from tests.conftest import make_prepared, run_stage, write_params
+
+
+def train_args(root):
+    args = ["--data", root / "prepared", "--model", root / "model" / "model.keras",
+            "--live", root / "live", "--checkpoint", root / "checkpoint"]  # fmt: skip
+    return [str(a) for a in args]
+
+
+def logged_epochs(live_dir):
+    return pd.read_csv(live_dir / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")["step"].tolist()
+
+
+def test_reference_model_has_the_tutorials_parameter_count():
+    model = models.build("reference")
+    assert model.count_params() == 2_435_210
+    assert [layer.__class__.__name__ for layer in model.layers] == [
+        "Conv2D", "Conv2D", "MaxPooling2D", "Dropout", "Flatten", "Dense", "Dropout", "Dense",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", ["reference", "compact", "best"])
+def test_each_preset_trains_saves_and_evaluates(workdir, preset):
+    make_prepared(workdir / "prepared")
+    write_params(workdir / "params.yaml", train__model=preset, train__epochs=1, train__batch_size=32)
+    train.main(train_args(workdir))
+    model = evaluate.load_model(workdir / "model" / "model.keras")
+    probs = model.predict(np.load(workdir / "prepared" / "x_test.npy"), verbose=0)
+    assert probs.shape == (64, 10)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+
+
+class StopAfterFirstEpoch(keras.callbacks.Callback):
+    """Simulates Ctrl-C (or a preempted runner) right after epoch 1 has been backed up."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        raise KeyboardInterrupt
+
+
+class RecordEpochs(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.started = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started.append(epoch)
+
+
+def test_killed_training_resumes_from_the_last_finished_epoch(workdir, capsys):
+    make_prepared(workdir / "prepared")
+    write_params(workdir / "params.yaml", train__epochs=3, train__batch_size=32)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(workdir), extra_callbacks=[StopAfterFirstEpoch()])
+    assert (workdir / "checkpoint" / "backup").is_dir()
+    assert not (workdir / "model" / "model.keras").exists()
+
+    recorder = RecordEpochs()
+    train.main(train_args(workdir), extra_callbacks=[recorder])
+    assert "resuming from the checkpoint" in capsys.readouterr().out
+    assert recorder.started == [1, 2]  # 0-based: epoch 2 and 3 of 3
+    assert logged_epochs(workdir / "live") == [0, 1, 2]
+    assert (workdir / "model" / "model.keras").exists()
+    assert list((workdir / "checkpoint").iterdir()) == []  # nothing left to leak
+
+
+def test_checkpoint_of_a_run_with_other_params_is_discarded(workdir, capsys):
+    make_prepared(workdir / "prepared")
+    write_params(workdir / "params.yaml", train__epochs=2, train__batch_size=32)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(workdir), extra_callbacks=[StopAfterFirstEpoch()])
+    write_params(workdir / "params.yaml", train__epochs=2, train__batch_size=16)
+    recorder = RecordEpochs()
+    train.main(train_args(workdir), extra_callbacks=[recorder])
+    assert "resuming" not in capsys.readouterr().out
+    assert recorder.started == [0, 1]
+    assert logged_epochs(workdir / "live") == [0, 1]
+
+
+def weights_after_training(workdir, seed):
+    write_params(workdir / "params.yaml", train__epochs=1, train__batch_size=32,
+                 train__seed=seed, train__deterministic=True)  # fmt: skip
+    train.main(train_args(workdir))
+    return keras.saving.load_model(workdir / "model" / "model.keras").get_weights()
+
+
+def test_deterministic_runs_are_identical_and_seeds_matter(workdir):
+    make_prepared(workdir / "prepared")
+    first = weights_after_training(workdir, seed=1)
+    again = weights_after_training(workdir, seed=1)
+    other = weights_after_training(workdir, seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+
+
+def test_precision_auto_picks_the_fast_type_per_device():
+    assert train.resolve_precision("auto", ["/physical_device:GPU:0"], bf16_cpu=False) == "mixed_float16"
+    assert train.resolve_precision("auto", [], bf16_cpu=False) == "float32"
+    assert train.resolve_precision("float32", [], bf16_cpu=True) == "float32"
+    if keras.backend.backend() == "tensorflow":
+        assert train.resolve_precision("auto", [], bf16_cpu=True) == "mixed_bfloat16"
+
+
+def test_cpu_bf16_detection_reads_the_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert train.cpu_has_bf16(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f\n")
+    assert not train.cpu_has_bf16(cpuinfo)
+    assert not train.cpu_has_bf16(tmp_path / "missing")
+
+
+MIRRORED = """
+import sys, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from stages import train
+train.main(sys.argv[1:])
+"""
+
+
+def test_mirrored_strategy_trains_on_two_logical_cpus(workdir):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    make_prepared(workdir / "prepared")
+    write_params(workdir / "params.yaml", train__epochs=1, train__batch_size=32,
+                 train__distribute="mirrored")  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED, *map(str, train_args(workdir))],
+        cwd=workdir, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MirroredStrategy over 2 replicas" in result.stdout
+    run_stage("evaluate", "--model", workdir / "model" / "model.keras", "--data",
+              workdir / "prepared", "--live", workdir / "live", "--out", workdir / "eval",
+              cwd=workdir)  # fmt: skip
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_train_stage_runs_on_the_jax_backend(workdir):
+    pytest.importorskip("jax")
+    make_prepared(workdir / "prepared")
+    write_params(workdir / "params.yaml", train__epochs=1, train__batch_size=32)
+    result = run_stage("train", *train_args(workdir), env={"KERAS_BACKEND": "jax"}, cwd=workdir)
+    assert "backend jax" in result.stdout
+    assert (workdir / "model" / "model.keras").exists()
+    assert logged_epochs(workdir / "live") == [0]
