@@ -17,7 +17,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from stages import figures, params
 from stages.common import PipelineError, atomic_dir, run_cli, write_json
-from stages.prepare import NUM_CLASSES, load_prepared
+from stages.dataset import NUM_CLASSES, load_prepared
 
 EPSILON = 1e-7  # Keras' clip for log(0) in cross-entropy
 
@@ -94,9 +94,12 @@ def write_outputs(out_dir, labels, probs, images, history, gallery_size):
         figures.training_curves(history, plots / "curves.png")
         worst = most_confident_errors(labels, probs, gallery_size)
         figures.error_gallery(
-            images[worst], labels[worst], predicted[worst], probs[worst, predicted[worst]],
+            images[worst],
+            labels[worst],
+            predicted[worst],
+            probs[worst, predicted[worst]],
             plots / "errors.png",
-        )  # fmt: skip
+        )
     return metrics
 
 
@@ -115,8 +118,10 @@ def main(argv=None):
     metrics = write_outputs(
         args.out, test["y_test"], probs, test["x_test"], history, p.gallery_size
     )
-    print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "
-          f"{metrics['errors']} errors -> {args.out}")  # fmt: skip
+    print(
+        f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "
+        f"{metrics['errors']} errors -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

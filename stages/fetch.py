@@ -25,8 +25,8 @@ from stages.common import PipelineError, atomic_dir, run_cli
 
 # SHA-256 of the decompressed files (Yann LeCun's originals).
 FILES = {
-    "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",  # noqa: E501
+    "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",  # noqa: E501
     "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
@@ -66,7 +66,9 @@ def verify(path, expected_sha256):
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise BadFile(f"not a complete gzip file ({e})") from None
     if digest.hexdigest() != expected_sha256:
-        raise BadFile(f"sha256 mismatch (got {digest.hexdigest()[:12]}…, want {expected_sha256[:12]}…)")
+        raise BadFile(
+            f"sha256 mismatch (got {digest.hexdigest()[:12]}…, want {expected_sha256[:12]}…)"
+        )
 
 
 def describe(error):
@@ -81,14 +83,15 @@ def describe(error):
 
 
 def fetch_file(name, mirrors, dest_dir, timeout_s):
-    """Puts a verified `name` into dest_dir from the first mirror that serves a good copy."""
+    """Puts a verified `name` into dest_dir from the first mirror that serves a good copy;
+    returns that mirror."""
     dest = Path(dest_dir) / name
     failures = []
     for mirror in mirrors:
         try:
             copy_from(mirror, name, dest, timeout_s)
             verify(dest, FILES[name])
-            return dest
+            return mirror
         except (BadFile, OSError) as e:  # URLError and HTTPError are OSErrors
             dest.unlink(missing_ok=True)
             failures.append(f"{mirror} ({describe(e)})")
@@ -106,10 +109,10 @@ def mirror_list(configured, env=None):
 
 
 def fetch(mirrors, out_dir, timeout_s):
-    """Writes the four verified files to out_dir; leaves out_dir untouched on failure."""
+    """Writes the four verified files to out_dir; leaves out_dir untouched on failure.
+    Returns {file name: mirror it came from}."""
     with atomic_dir(out_dir) as tmp:
-        for name in FILES:
-            fetch_file(name, mirrors, tmp, timeout_s)
+        return {name: fetch_file(name, mirrors, tmp, timeout_s) for name in FILES}
 
 
 def main(argv=None):
@@ -117,9 +120,10 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="directory for the four .gz files")
     args = parser.parse_args(argv)
     p = params.load("fetch")
-    mirrors = mirror_list(p.mirrors)
-    fetch(mirrors, args.out, p.timeout_s)
-    print(f"fetch: {len(FILES)} files verified in {args.out} (tried {', '.join(mirrors)})")
+    sources = fetch(mirror_list(p.mirrors), args.out, p.timeout_s)
+    for name, mirror in sources.items():
+        print(f"fetch: {name} verified, from {mirror}")
+    print(f"fetch: wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 import matplotlib
 
 matplotlib.use("Agg")  # headless: CI runners and servers have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def save(fig, path):
@@ -30,7 +30,7 @@ def confusion_heatmap(matrix, path):
 def training_curves(history, path):
     """history: DataFrame indexed by epoch (1-based) with loss/accuracy and optional val_*."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=False):
         for column, label in ((metric, "training"), (f"val_{metric}", "validation")):
             if column in history:
                 ax.plot(history.index, history[column], marker="o", label=label)
@@ -48,7 +48,7 @@ def error_gallery(images, actual, predicted, confidence, path):
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, a, p, c in zip(axes.flat, images, actual, predicted, confidence):
+    for ax, image, a, p, c in zip(axes.flat, images, actual, predicted, confidence, strict=False):
         ax.imshow(image[..., 0], cmap="gray_r", vmin=0, vmax=1)
         ax.set_title(f"true {a}, pred {p}\n{c:.1%}", fontsize=8)
     fig.suptitle("Most confident mistakes" if k else "No mistakes", fontsize=10)

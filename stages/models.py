@@ -48,16 +48,18 @@ def compact():
     return keras.Sequential(
         [
             keras.Input(shape=INPUT_SHAPE),
-            *conv_bn(32), *conv_bn(32),
+            *conv_bn(32),
+            *conv_bn(32),
             layers.MaxPooling2D(),  # (14, 14, 32)
-            *conv_bn(64), *conv_bn(64),
+            *conv_bn(64),
+            *conv_bn(64),
             layers.MaxPooling2D(),  # (7, 7, 64)
             layers.GlobalAveragePooling2D(),
             layers.Dropout(0.2),
             layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
         ],
         name="compact",
-    )  # fmt: skip
+    )
 
 
 def best():
@@ -68,10 +70,12 @@ def best():
             layers.RandomTranslation(0.1, 0.1, fill_mode="constant"),
             layers.RandomRotation(0.03, fill_mode="constant"),
             layers.RandomZoom(0.1, fill_mode="constant"),
-            *conv_bn(64), *conv_bn(64),
+            *conv_bn(64),
+            *conv_bn(64),
             layers.MaxPooling2D(),  # (14, 14, 64)
             layers.Dropout(0.2),
-            *conv_bn(128), *conv_bn(128),
+            *conv_bn(128),
+            *conv_bn(128),
             layers.MaxPooling2D(),  # (7, 7, 128)
             layers.Dropout(0.3),
             *conv_bn(256),
@@ -80,7 +84,7 @@ def best():
             layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
         ],
         name="best",
-    )  # fmt: skip
+    )
 
 
 BUILDERS = {"reference": reference, "compact": compact, "best": best}

@@ -26,8 +26,9 @@ def integer(lo, hi=None, none_ok=False):
     allowed = f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
     return Rule(
         allowed + (" or null" if none_ok else ""),
-        lambda v: (none_ok and v is None)
-        or (type(v) is int and v >= lo and (hi is None or v <= hi)),
+        lambda v: (
+            (none_ok and v is None) or (type(v) is int and v >= lo and (hi is None or v <= hi))
+        ),
     )
 
 
@@ -35,9 +36,7 @@ def number(lo, hi, hi_open=False):
     bracket = ")" if hi_open else "]"
     return Rule(
         f"a number in [{lo}, {hi}{bracket}",
-        lambda v: type(v) in (int, float)
-        and lo <= v
-        and (v < hi if hi_open else v <= hi),
+        lambda v: type(v) in (int, float) and lo <= v and (v < hi if hi_open else v <= hi),
     )
 
 
@@ -59,9 +58,11 @@ def boolean():
 def url_list():
     return Rule(
         "a non-empty list of http(s) URLs",
-        lambda v: isinstance(v, list)
-        and len(v) > 0
-        and all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in v),
+        lambda v: (
+            isinstance(v, list)
+            and len(v) > 0
+            and all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in v)
+        ),
     )
 
 

@@ -1,8 +1,7 @@
 """Prepare stage: parses the IDX files into model-ready arrays.
 
 Reads   params.yaml `prepare` (train_size, validation_split) and IN/*.gz from fetch.
-Writes  OUT/{x,y}_{train,val,test}.npy: images float32 (N, 28, 28, 1) in [0, 1],
-        labels uint8 (N,). Plain .npy, loadable without pickle and memory-mappable.
+Writes  OUT/{x,y}_{train,val,test}.npy in the format of stages/dataset.py.
 """
 
 import argparse
@@ -12,10 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from stages import params
-from stages.common import PipelineError, atomic_dir, run_cli
+from stages.common import PipelineError, run_cli
+from stages.dataset import NUM_CLASSES, save_prepared
 
 IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10
 IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only one MNIST uses
 SOURCES = {  # split -> (images file, labels file)
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -91,10 +90,13 @@ def prepare(train_images, train_labels, test_images, test_labels, train_size, va
         scale_images(train_images), train_labels, validation_split
     )
     return {
-        "x_train": x_train, "y_train": y_train,
-        "x_val": x_val, "y_val": y_val,
-        "x_test": scale_images(test_images), "y_test": test_labels,
-    }  # fmt: skip
+        "x_train": x_train,
+        "y_train": y_train,
+        "x_val": x_val,
+        "y_val": y_val,
+        "x_test": scale_images(test_images),
+        "y_test": test_labels,
+    }
 
 
 def load_raw(raw_dir):
@@ -106,19 +108,6 @@ def load_raw(raw_dir):
     return arrays
 
 
-def load_prepared(prepared_dir, splits=("train", "val", "test")):
-    """Reads the arrays prepare wrote; returns {"x_train": ..., "y_train": ..., ...}."""
-    prepared_dir = Path(prepared_dir)
-    arrays = {}
-    for split in splits:
-        for kind in ("x", "y"):
-            path = prepared_dir / f"{kind}_{split}.npy"
-            if not path.exists():
-                raise PipelineError(f"{path} not found; run `dvc repro prepare` first")
-            arrays[f"{kind}_{split}"] = np.load(path, allow_pickle=False)
-    return arrays
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw", required=True, help="directory with the four .gz files")
@@ -126,9 +115,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     p = params.load("prepare")
     arrays = prepare(*load_raw(args.raw), p.train_size, p.validation_split)
-    with atomic_dir(args.out) as tmp:
-        for name, array in arrays.items():
-            np.save(tmp / f"{name}.npy", array, allow_pickle=False)
+    save_prepared(arrays, args.out)
     sizes = ", ".join(f"{s} {len(arrays['y_' + s])}" for s in ("train", "val", "test"))
     print(f"prepare: wrote {args.out} ({sizes})")
 

@@ -24,7 +24,7 @@ from dvclive.keras import DVCLiveCallback
 
 from stages import models, params
 from stages.common import PipelineError, run_cli
-from stages.prepare import NUM_CLASSES, load_prepared
+from stages.dataset import NUM_CLASSES, load_prepared
 
 FINGERPRINT = "fingerprint.json"
 
@@ -159,7 +159,8 @@ def train_model(data, p, callbacks=()):
         epochs=p.epochs,
         validation_data=(
             (data["x_val"], keras.utils.to_categorical(data["y_val"], NUM_CLASSES))
-            if has_val else None
+            if has_val
+            else None
         ),
         callbacks=list(callbacks),
         verbose=2,  # one line per epoch: readable in CI logs and `dvc repro` output

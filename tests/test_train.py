@@ -12,27 +12,46 @@ from tests.conftest import make_prepared, run_stage, write_params
 
 
 def train_args(root):
-    args = ["--data", root / "prepared", "--model", root / "model" / "model.keras",
-            "--live", root / "live", "--checkpoint", root / "checkpoint"]  # fmt: skip
+    args = [
+        "--data",
+        root / "prepared",
+        "--model",
+        root / "model" / "model.keras",
+        "--live",
+        root / "live",
+        "--checkpoint",
+        root / "checkpoint",
+    ]
     return [str(a) for a in args]
 
 
 def logged_epochs(live_dir):
-    return pd.read_csv(live_dir / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")["step"].tolist()
+    return pd.read_csv(live_dir / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")[
+        "step"
+    ].tolist()
 
 
 def test_reference_model_has_the_tutorials_parameter_count():
     model = models.build("reference")
     assert model.count_params() == 2_435_210
     assert [layer.__class__.__name__ for layer in model.layers] == [
-        "Conv2D", "Conv2D", "MaxPooling2D", "Dropout", "Flatten", "Dense", "Dropout", "Dense",
-    ]  # fmt: skip
+        "Conv2D",
+        "Conv2D",
+        "MaxPooling2D",
+        "Dropout",
+        "Flatten",
+        "Dense",
+        "Dropout",
+        "Dense",
+    ]
 
 
 @pytest.mark.parametrize("preset", ["reference", "compact", "best"])
 def test_each_preset_trains_saves_and_evaluates(workdir, preset):
     make_prepared(workdir / "prepared")
-    write_params(workdir / "params.yaml", train__model=preset, train__epochs=1, train__batch_size=32)
+    write_params(
+        workdir / "params.yaml", train__model=preset, train__epochs=1, train__batch_size=32
+    )
     train.main(train_args(workdir))
     model = evaluate.load_model(workdir / "model" / "model.keras")
     probs = model.predict(np.load(workdir / "prepared" / "x_test.npy"), verbose=0)
@@ -87,8 +106,13 @@ def test_checkpoint_of_a_run_with_other_params_is_discarded(workdir, capsys):
 
 
 def weights_after_training(workdir, seed):
-    write_params(workdir / "params.yaml", train__epochs=1, train__batch_size=32,
-                 train__seed=seed, train__deterministic=True)  # fmt: skip
+    write_params(
+        workdir / "params.yaml",
+        train__epochs=1,
+        train__batch_size=32,
+        train__seed=seed,
+        train__deterministic=True,
+    )
     train.main(train_args(workdir))
     return keras.saving.load_model(workdir / "model" / "model.keras").get_weights()
 
@@ -98,12 +122,15 @@ def test_deterministic_runs_are_identical_and_seeds_matter(workdir):
     first = weights_after_training(workdir, seed=1)
     again = weights_after_training(workdir, seed=1)
     other = weights_after_training(workdir, seed=2)
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
-    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=False))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=False))
 
 
 def test_precision_auto_picks_the_fast_type_per_device():
-    assert train.resolve_precision("auto", ["/physical_device:GPU:0"], bf16_cpu=False) == "mixed_float16"
+    assert (
+        train.resolve_precision("auto", ["/physical_device:GPU:0"], bf16_cpu=False)
+        == "mixed_float16"
+    )
     assert train.resolve_precision("auto", [], bf16_cpu=False) == "float32"
     assert train.resolve_precision("float32", [], bf16_cpu=True) == "float32"
     if keras.backend.backend() == "tensorflow":
@@ -135,18 +162,31 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(workdir):
     from tests.conftest import ROOT
 
     make_prepared(workdir / "prepared")
-    write_params(workdir / "params.yaml", train__epochs=1, train__batch_size=32,
-                 train__distribute="mirrored")  # fmt: skip
+    write_params(
+        workdir / "params.yaml", train__epochs=1, train__batch_size=32, train__distribute="mirrored"
+    )
     result = subprocess.run(
         [sys.executable, "-c", MIRRORED, *map(str, train_args(workdir))],
-        cwd=workdir, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=workdir,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MirroredStrategy over 2 replicas" in result.stdout
-    run_stage("evaluate", "--model", workdir / "model" / "model.keras", "--data",
-              workdir / "prepared", "--live", workdir / "live", "--out", workdir / "eval",
-              cwd=workdir)  # fmt: skip
+    run_stage(
+        "evaluate",
+        "--model",
+        workdir / "model" / "model.keras",
+        "--data",
+        workdir / "prepared",
+        "--live",
+        workdir / "live",
+        "--out",
+        workdir / "eval",
+        cwd=workdir,
+    )
     metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
 

@@ -1,0 +1,150 @@
+"""Report: one Markdown file that says what the workspace changed against a base revision.
+
+    python -m stages.report --base main [--out report.md]
+
+Runs `dvc metrics diff` and `dvc params diff` against BASE and writes OUT: a one-line
+verdict on test accuracy, the metric and param tables, and the evaluate stage's figures.
+This is what CI posts on a pull request. Fails if BASE has no test metrics.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from stages.common import PipelineError, run_cli
+
+FIGURES = {  # title -> file name under the evaluate stage's plots/
+    "Training curves": "curves.png",
+    "Confusion matrix": "confusion.png",
+    "Most confident mistakes": "errors.png",
+}
+HEADLINE = ("accuracy", "loss", "errors")  # always shown; other metrics only when they moved
+
+
+def evaluation_dir(dvc_yaml="dvc.yaml"):
+    """The evaluate stage's output directory, as named in dvc.yaml's vars."""
+    return yaml.safe_load(Path(dvc_yaml).read_text())["vars"][0]["evaluation"]
+
+
+def dvc_json(*args):
+    """Runs `dvc <args> --json` and returns the parsed output."""
+    result = subprocess.run(["dvc", *args, "--json"], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise PipelineError(f"`dvc {' '.join(args)}` failed: {last}")
+    return json.loads(result.stdout or "{}")
+
+
+def fmt(value):
+    if value is None:
+        return "—"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def fmt_change(entry):
+    diff = entry.get("diff")
+    if isinstance(diff, float):
+        return f"{diff:+.4f}"
+    if isinstance(diff, int) and not isinstance(diff, bool):
+        return f"{diff:+d}"
+    return "changed" if entry.get("old") != entry.get("new") else ""
+
+
+def verdict(metrics_diff, metrics_path, base):
+    """The one-line summary of what happened to test accuracy."""
+    entry = metrics_diff.get(metrics_path, {}).get("accuracy")
+    if entry is None or entry.get("new") is None:
+        raise PipelineError(f"the workspace has no {metrics_path}; run `dvc repro` first")
+    if entry.get("old") is None:
+        raise PipelineError(
+            f"base revision '{base}' has no {metrics_path}; reproduce and commit it there first"
+        )
+    old, new = entry["old"], entry["new"]
+    points = 100 * (new - old)
+    direction = "up" if points > 0 else "down" if points < 0 else "unchanged"
+    by = f" by {abs(points):.2f} pp" if points else ""
+    return (
+        f"**Test accuracy {direction}{by}**: {100 * old:.2f}% → {100 * new:.2f}% (against `{base}`)"
+    )
+
+
+def table(rows, header):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def metric_rows(metrics_diff, metrics_path, headline):
+    """Headline rows (always), or the other rows whose value moved."""
+    rows = []
+    for path, entries in sorted(metrics_diff.items()):
+        for name, e in entries.items():
+            is_headline = path == metrics_path and name in HEADLINE
+            if is_headline == headline and (headline or e.get("old") != e.get("new")):
+                rows.append(
+                    [f"`{path}`", name, fmt(e.get("old")), fmt(e.get("new")), fmt_change(e)]
+                )
+    return rows
+
+
+def render(base, metrics_diff, params_diff, metrics_path, figures):
+    """The Markdown report. figures: {title: image path relative to the report}."""
+    header = ["file", "metric", base, "workspace", "change"]
+    parts = [f"# What this change did to the model\n\n{verdict(metrics_diff, metrics_path, base)}"]
+    parts.append("## Metrics\n\n" + table(metric_rows(metrics_diff, metrics_path, True), header))
+    moved = metric_rows(metrics_diff, metrics_path, headline=False)
+    if moved:
+        parts.append(
+            "<details><summary>Per-class and training metrics that moved "
+            f"({len(moved)})</summary>\n\n{table(moved, header)}\n\n</details>"
+        )
+    param_rows = [
+        [f"`{name}`", fmt(e.get("old")), fmt(e.get("new"))]
+        for entries in params_diff.values()
+        for name, e in sorted(entries.items())
+    ]
+    parts.append(
+        "## Params\n\n"
+        + (
+            table(param_rows, ["param", base, "workspace"])
+            if param_rows
+            else f"No param differs from `{base}`."
+        )
+    )
+    if figures:
+        parts.append(
+            "## Figures (workspace)\n\n"
+            + "\n\n".join(f"### {title}\n\n![{title}]({path})" for title, path in figures.items())
+        )
+    parts.append(f"Side by side with `{base}`, interactive: `dvc plots diff {base} --open`.")
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="git revision to compare against")
+    parser.add_argument("--out", default="report.md", help="Markdown file to write")
+    args = parser.parse_args(argv)
+    evaluation = Path(evaluation_dir())
+    metrics_path = str(evaluation / "metrics.json")
+    metrics_diff = dvc_json("metrics", "diff", args.base, "--all")
+    params_diff = dvc_json("params", "diff", args.base)
+    out = Path(args.out).resolve()
+    figures = {
+        title: os.path.relpath((evaluation / "plots" / name).resolve(), out.parent)
+        for title, name in FIGURES.items()
+        if (evaluation / "plots" / name).exists()
+    }
+    text = render(args.base, metrics_diff, params_diff, metrics_path, figures)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    print(f"report: {verdict(metrics_diff, metrics_path, args.base)}\nreport: wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,104 @@
+"""Param validation: each bad value stops a stage with one line naming the key."""
+
+import pytest
+import yaml
+
+from stages import params
+from stages.common import PipelineError
+from tests.conftest import ROOT, run_stage, write_params
+
+
+def section(name):
+    return yaml.safe_load((ROOT / "params.yaml").read_text())[name]
+
+
+def test_the_committed_params_are_valid():
+    for name in params.RULES:
+        params.validate(name, section(name))
+
+
+@pytest.mark.parametrize(
+    "name, key, value, message",
+    [
+        ("train", "epochs", 0, "train.epochs must be an integer >= 1, got 0"),
+        ("train", "batch_size", "big", "train.batch_size must be an integer >= 1, got 'big'"),
+        ("train", "epochs", True, "train.epochs must be an integer >= 1, got True"),
+        (
+            "prepare",
+            "validation_split",
+            1.5,
+            "prepare.validation_split must be a number in [0, 1), got 1.5",
+        ),
+        (
+            "prepare",
+            "train_size",
+            70000,
+            "prepare.train_size must be an integer >= 1 and <= 60000 or null, got 70000",
+        ),
+        (
+            "train",
+            "model",
+            "resnet",
+            "train.model must be one of reference, compact, best, got 'resnet'",
+        ),
+        (
+            "train",
+            "jit_compile",
+            "yes",
+            "train.jit_compile must be one of auto, true, false, got 'yes'",
+        ),
+        ("train", "learning_rate", -1, "train.learning_rate must be a number > 0, got -1"),
+        ("fetch", "mirrors", [], "fetch.mirrors must be a non-empty list of http(s) URLs, got []"),
+    ],
+)
+def test_invalid_values_name_the_key_and_what_is_allowed(name, key, value, message):
+    values = {**section(name), key: value}
+    with pytest.raises(PipelineError) as error:
+        params.validate(name, values)
+    assert str(error.value) == f"params.yaml: {message}"
+
+
+def test_unknown_and_missing_keys():
+    with pytest.raises(PipelineError) as error:
+        params.validate("prepare", {**section("prepare"), "shuffle": True})
+    assert str(error.value) == (
+        "params.yaml: unknown key prepare.shuffle; allowed keys: train_size, validation_split"
+    )
+    with pytest.raises(PipelineError) as error:
+        params.validate("prepare", {"train_size": None})
+    assert str(error.value) == "params.yaml: missing key prepare.validation_split"
+
+
+def test_valid_values_become_a_frozen_dataclass():
+    p = params.validate("prepare", {"train_size": 5000, "validation_split": 0})
+    assert (p.train_size, p.validation_split) == (5000, 0)
+    with pytest.raises(AttributeError):
+        p.train_size = 1
+
+
+def test_missing_params_file(workdir):
+    with pytest.raises(PipelineError) as error:
+        params.load("train")
+    assert str(error.value) == "params.yaml not found; run the stage from the project root"
+
+
+def test_a_stage_with_a_bad_param_exits_1_with_one_line_and_writes_nothing(workdir):
+    write_params(workdir / "params.yaml", train__epochs=0)
+    result = run_stage(
+        "train",
+        "--data",
+        "prepared",
+        "--model",
+        "m/model.keras",
+        "--live",
+        "live",
+        "--checkpoint",
+        "ckpt",
+        cwd=workdir,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: params.yaml: train.epochs must be an integer >= 1, got 0"
+    )
+    assert sorted(p.name for p in workdir.iterdir()) == ["params.yaml"]
