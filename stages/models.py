@@ -1,10 +1,10 @@
 """The model presets that `train.model` selects: an architecture and its optimizer.
 
 - reference: the Keras MNIST tutorial CNN, unchanged (2,435,210 parameters, Adadelta).
-- compact:   a small, batch-normalised CNN trained with Adam on a cosine schedule; built for
-             >= 99.4% test accuracy in a few minutes of CPU.
-- best:      a wider batch-normalised CNN with light data augmentation, Adam on a cosine
-             schedule; built for the highest single-model accuracy.
+- compact:   two batch-normalised conv blocks (32, 64 filters) and Dense 128, Adam on a
+             cosine schedule; built for >= 99.4% test accuracy in a few minutes of CPU.
+- best:      compact plus a third conv block, dropout and light data augmentation (shifts,
+             rotations, zooms); Adam on a cosine schedule; built for >= 99.6%.
 
 Every model ends in a float32 softmax, so mixed precision never computes the output
 probabilities in 16 bits.
@@ -35,10 +35,10 @@ def reference():
     )
 
 
-def conv_bn(filters, **kwargs):
+def conv_bn(filters):
     """Conv -> BatchNorm -> ReLU; the conv has no bias because BatchNorm adds one."""
     return [
-        layers.Conv2D(filters, 3, padding="same", use_bias=False, **kwargs),
+        layers.Conv2D(filters, 3, padding="same", use_bias=False),
         layers.BatchNormalization(),
         layers.ReLU(),
     ]
@@ -54,8 +54,9 @@ def compact():
             *conv_bn(64),
             *conv_bn(64),
             layers.MaxPooling2D(),  # (7, 7, 64)
-            layers.GlobalAveragePooling2D(),
-            layers.Dropout(0.2),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            layers.Dropout(0.3),
             layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
         ],
         name="compact",
@@ -70,15 +71,15 @@ def best():
             layers.RandomTranslation(0.1, 0.1, fill_mode="constant"),
             layers.RandomRotation(0.03, fill_mode="constant"),
             layers.RandomZoom(0.1, fill_mode="constant"),
+            *conv_bn(32),
+            *conv_bn(32),
+            layers.MaxPooling2D(),  # (14, 14, 32)
+            layers.Dropout(0.1),
             *conv_bn(64),
             *conv_bn(64),
-            layers.MaxPooling2D(),  # (14, 14, 64)
+            layers.MaxPooling2D(),  # (7, 7, 64)
             layers.Dropout(0.2),
             *conv_bn(128),
-            *conv_bn(128),
-            layers.MaxPooling2D(),  # (7, 7, 128)
-            layers.Dropout(0.3),
-            *conv_bn(256),
             layers.GlobalAveragePooling2D(),
             layers.Dropout(0.3),
             layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),

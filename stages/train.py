@@ -135,7 +135,7 @@ def compile_model(p, steps_per_epoch):
     return model
 
 
-def train_model(data, p, callbacks=()):
+def train_model(data, p, callbacks=(), verbose=2):
     """Builds, compiles and fits preset p.model; returns (model, keras History)."""
     gpus = list_gpus()
     print(f"train: backend {keras.backend.backend()}, GPUs: {gpus or 'none, using the CPU'}")
@@ -163,7 +163,7 @@ def train_model(data, p, callbacks=()):
             else None
         ),
         callbacks=list(callbacks),
-        verbose=2,  # one line per epoch: readable in CI logs and `dvc repro` output
+        verbose=verbose,  # 2: one line per epoch, readable in CI logs and `dvc repro` output
     )
     return model, history
 

@@ -16,7 +16,14 @@ from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT, write_params
 
 pytestmark = pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present")
 
-PROJECT_FILES = ["stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"]
+PROJECT_FILES = [
+    "stages",
+    "dvc.yaml",
+    "params.yaml",
+    ".gitignore",
+    ".dvcignore",
+    ".ci/train-report",
+]
 TINY = {
     "prepare__train_size": 500,
     "train__epochs": 1,
@@ -60,7 +67,8 @@ def repo(tmp_path_factory):
         if source.is_dir():
             shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
-            shutil.copy(source, repo / name)
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, repo / name)
     write_params(repo / "params.yaml", **TINY)
     sh(repo, "git", "init", "-q", "-b", "main")
     sh(repo, "git", "config", "user.email", "test@example.com")
@@ -180,3 +188,13 @@ def test_experiments_run_queue_and_show(repo):
     assert experiments["lr-half"][0]["learning_rate"] == 0.5
     assert experiments["seed-7"][0]["seed"] == 7
     assert all(0.0 <= accuracy <= 1.0 for _, accuracy in experiments.values())
+
+
+def test_ci_script_reproduces_with_overrides_and_writes_the_report(repo):
+    sh(repo, "git", "checkout", "-q", "--", ".")
+    output = sh(repo, "bash", ".ci/train-report", "main", "train.learning_rate=0.8")
+    assert ran_stages(output) == ["train", "evaluate"]
+    text = (repo / "report.md").read_text()
+    assert "| `train.learning_rate` | 1.0 | 0.8 |" in text
+    assert "| `train.epochs` | 1 | 2 |" in text
+    assert "**Test accuracy" in text
