@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -32,7 +33,9 @@ def evaluation_dir(dvc_yaml="dvc.yaml"):
 
 def dvc_json(*args):
     """Runs `dvc <args> --json` and returns the parsed output."""
-    result = subprocess.run(["dvc", *args, "--json"], capture_output=True, text=True, check=False)
+    # DVC of this interpreter's environment, whatever is first on PATH.
+    command = [sys.executable, "-m", "dvc", *args, "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise PipelineError(f"`dvc {' '.join(args)}` failed: {last}")
@@ -40,9 +43,15 @@ def dvc_json(*args):
 
 
 def fmt(value):
+    """Metric values: 4 decimals for floats."""
     if value is None:
         return "—"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def fmt_param(value):
+    """Param values exactly as YAML has them (1.0 stays 1.0)."""
+    return "—" if value is None else str(value)
 
 
 def fmt_change(entry):
@@ -81,7 +90,7 @@ def metric_rows(metrics_diff, metrics_path, headline):
     """Headline rows (always), or the other rows whose value moved."""
     rows = []
     for path, entries in sorted(metrics_diff.items()):
-        for name, e in entries.items():
+        for name, e in sorted(entries.items()):
             is_headline = path == metrics_path and name in HEADLINE
             if is_headline == headline and (headline or e.get("old") != e.get("new")):
                 rows.append(
@@ -102,7 +111,7 @@ def render(base, metrics_diff, params_diff, metrics_path, figures):
             f"({len(moved)})</summary>\n\n{table(moved, header)}\n\n</details>"
         )
     param_rows = [
-        [f"`{name}`", fmt(e.get("old")), fmt(e.get("new"))]
+        [f"`{name}`", fmt_param(e.get("old")), fmt_param(e.get("new"))]
         for entries in params_diff.values()
         for name, e in sorted(entries.items())
     ]
