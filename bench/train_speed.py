@@ -97,11 +97,12 @@ def plain_keras_accuracy(epochs=12):
     return {"epochs": epochs, "test_accuracy": accuracy, "train_seconds": seconds}
 
 
-def pipeline(x, y, batch_size, timer):
+def pipeline(x, y, batch_size, timer, **overrides):
     """stages.train.train_model with the committed params (batch size overridden)."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
     p = params.validate(
-        "train", {**raw, "model": "reference", "epochs": 2, "batch_size": batch_size}
+        "train",
+        {**raw, "model": "reference", "epochs": 2, "batch_size": batch_size, **overrides},
     )
     (x_tr, y_tr), (x_val, y_val) = prepare.split_validation(x, y, 0.2)
     data = {"x_train": x_tr, "y_train": y_tr, "x_val": x_val, "y_val": y_val}
@@ -114,6 +115,17 @@ def images_per_second(side, x, y, batch_size):
     timer = EpochTimer()
     side(x, y, batch_size, timer)
     return int(len(x) * 0.8) / timer.last
+
+
+def determinism_cost(n_train=6400, rounds=2):
+    """images/s of the pipeline with train.deterministic false and true, interleaved."""
+    import functools
+
+    x, y = load_mnist(n_train)
+    sides = {flag: functools.partial(pipeline, deterministic=flag) for flag in (False, True)}
+    runs = [{str(f): images_per_second(sides[f], x, y, 128) for f in sides} for _ in range(rounds)]
+    medians = {f: float(np.median([r[f] for r in runs])) for f in ("False", "True")}
+    return {"rounds": runs, "images_per_s": medians, "slowdown": medians["False"] / medians["True"]}
 
 
 def matmul_gflops(dtype, n, repeats=10):
@@ -262,10 +274,18 @@ def main(argv=None):
         action="store_true",
         help="instead: train the plain Keras tutorial on full data, print its test accuracy",
     )
+    parser.add_argument(
+        "--determinism",
+        action="store_true",
+        help="instead: measure what train.deterministic: true costs in images/s",
+    )
     parser.add_argument("--out", default="bench/results/train_speed.json")
     args = parser.parse_args(argv)
     if args.plain_accuracy:
         print(json.dumps(plain_keras_accuracy()))
+        return
+    if args.determinism:
+        print(json.dumps(determinism_cost()))
         return
     results = run(SMOKE if args.smoke else FULL)
     print(report(results))

@@ -199,3 +199,12 @@ def test_train_stage_runs_on_the_jax_backend(workdir):
     assert "backend jax" in result.stdout
     assert (workdir / "model" / "model.keras").exists()
     assert logged_epochs(workdir / "live") == [0]
+
+
+def test_jit_compile_auto_keeps_xla_off_on_a_tensorflow_cpu(workdir):
+    if keras.backend.backend() != "tensorflow" or train.list_gpus():
+        pytest.skip("the rule under test is for TensorFlow on a CPU")
+    write_params(workdir / "params.yaml")
+    p = train.params.load("train")
+    assert p.jit_compile == "auto"
+    assert train.compile_model(p, steps_per_epoch=1).jit_compile is False
