@@ -141,13 +141,16 @@ def matmul_gflops(dtype, n, repeats=10):
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
+# Runs a stage module, then prints the process's peak RSS. VmHWM, not getrusage: Linux
+# carries ru_maxrss across fork+exec, so a child would report the benchmark's own peak.
 STAGE_RSS = """
-import resource, runpy, sys
+import re, runpy, sys
 sys.argv = sys.argv[1:]
 try:
     runpy.run_module(sys.argv[0], run_name="__main__")
 finally:
-    print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    status = open("/proc/self/status").read()
+    print("MAXRSS_KB", re.search(r"VmHWM:\\s+(\\d+)", status).group(1), file=sys.stderr)
 """
 
 
