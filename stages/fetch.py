@@ -11,6 +11,7 @@ otherwise the next mirror is tried. Mirrors recompress, so the .gz bytes are not
 import argparse
 import gzip
 import hashlib
+import http.client
 import os
 import shutil
 import urllib.error
@@ -50,10 +51,14 @@ def copy_from(location, name, dest, timeout_s):
     url = location.rstrip("/") + "/" + name
     with urllib.request.urlopen(url, timeout=timeout_s) as response, open(dest, "wb") as f:
         total = int(response.headers.get("Content-Length") or 0) or None
+        received = 0
         with tqdm(total=total, unit="B", unit_scale=True, desc=name, leave=False) as bar:
             while chunk := response.read(CHUNK):
                 f.write(chunk)
+                received += len(chunk)
                 bar.update(len(chunk))
+    if total is not None and received != total:
+        raise BadFile(f"download cut short after {received} of {total} bytes")
 
 
 def verify(path, expected_sha256):
@@ -92,7 +97,9 @@ def fetch_file(name, mirrors, dest_dir, timeout_s):
             copy_from(mirror, name, dest, timeout_s)
             verify(dest, FILES[name])
             return mirror
-        except (BadFile, OSError) as e:  # URLError and HTTPError are OSErrors
+        # URLError, HTTPError and timeouts are OSErrors; a malformed reply from the
+        # server raises an http.client.HTTPException.
+        except (BadFile, OSError, http.client.HTTPException) as e:
             dest.unlink(missing_ok=True)
             failures.append(f"{mirror} ({describe(e)})")
     raise PipelineError(

@@ -64,6 +64,35 @@ def test_unreachable_mirror_is_skipped_for_a_good_http_one(tmp_path, fake_files,
     assert gzip.decompress((tmp_path / "raw" / name).read_bytes()) == CONTENT[name]
 
 
+class CutShortHandler(http.server.BaseHTTPRequestHandler):
+    """Promises 1000 bytes, sends 10, hangs up: a connection dropped mid-download."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"0123456789")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_cut_short_is_rejected_and_the_next_mirror_used(tmp_path, fake_files):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShortHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cut = f"http://127.0.0.1:{server.server_address[1]}/"
+    good = make_mirror(tmp_path / "good")
+    try:
+        sources = fetch.fetch([cut, str(good)], tmp_path / "raw", timeout_s=5)
+        assert set(sources.values()) == {str(good)}
+        with pytest.raises(PipelineError) as error:
+            fetch.fetch([cut], tmp_path / "raw2", timeout_s=5)
+    finally:
+        server.shutdown()
+    assert f"{cut} (download cut short after 10 of 1000 bytes)" in str(error.value)
+    assert not (tmp_path / "raw2").exists()
+
+
 def test_checksum_mismatch_falls_back_to_the_next_mirror(tmp_path, fake_files):
     bad = make_mirror(tmp_path / "bad", broken="train-labels-idx1-ubyte.gz")
     good = make_mirror(tmp_path / "good")
