@@ -55,9 +55,14 @@ class EpochTimer(keras.callbacks.Callback):
         self.last = time.perf_counter() - self.start
 
 
+def mnist_dir():
+    """The MNIST .gz files: $MNIST_MIRROR, else what the fetch stage wrote."""
+    return os.environ.get("MNIST_MIRROR") or str(ROOT / "data" / "raw")
+
+
 def load_mnist(n_train):
     """The first n_train training images plus a validation fifth, from the MNIST mirror."""
-    mirror = os.environ.get("MNIST_MIRROR") or str(ROOT / "data" / "raw")
+    mirror = mnist_dir()
     x, y, _, _ = prepare.load_raw(mirror)
     n = int(n_train / 0.8)
     return prepare.scale_images(x[:n]), y[:n]
@@ -87,7 +92,7 @@ def plain_keras(x, y, batch_size, timer, epochs=2, verbose=0):
 
 def plain_keras_accuracy(epochs=12):
     """The tutorial on all 60,000 training images: test accuracy and training time."""
-    mirror = os.environ.get("MNIST_MIRROR") or str(ROOT / "data" / "raw")
+    mirror = mnist_dir()
     x, y, x_test, y_test = prepare.load_raw(mirror)
     start = time.perf_counter()
     model = plain_keras(prepare.scale_images(x), y, 128, EpochTimer(), epochs, verbose=2)
@@ -156,7 +161,7 @@ finally:
 
 def stage_peak_rss(n_train):
     """Runs each stage once in a scratch project on n_train images; returns MiB per stage."""
-    mirror = os.environ.get("MNIST_MIRROR") or str(ROOT / "data" / "raw")
+    mirror = mnist_dir()
     doc = yaml.safe_load((ROOT / "params.yaml").read_text())
     doc["prepare"]["train_size"] = min(60_000, int(n_train / 0.8))
     doc["train"]["epochs"] = 1

@@ -16,9 +16,10 @@ MNIST_MIRROR = Path(os.environ.get("MNIST_MIRROR", ROOT.parent / "shared" / "dat
 HAVE_MNIST = MNIST_MIRROR.is_dir() or bool(os.environ.get("REQUIRE_MNIST_MIRROR"))
 
 
-def write_params(path, **overrides):
-    """Copies the project's params.yaml to `path`, with overrides like train__epochs=1."""
-    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+def write_params(path, source=ROOT / "params.yaml", **overrides):
+    """Writes params.yaml at `path` from `source` (default: the project's), with overrides
+    like train__epochs=1."""
+    doc = yaml.safe_load(Path(source).read_text())
     for key, value in overrides.items():
         section, name = key.split("__")
         doc[section][name] = value

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT, write_params
 
@@ -46,11 +45,7 @@ def sh(repo, *cmd, check=True):
 
 
 def set_param(repo, **overrides):
-    doc = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        doc[section][name] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    write_params(repo / "params.yaml", source=repo / "params.yaml", **overrides)
 
 
 def ran_stages(output):
