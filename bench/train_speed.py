@@ -1,6 +1,8 @@
 """Training speed of the pipeline's train stage against plain Keras, on this machine.
 
     python -m bench.train_speed [--smoke] [--out bench/results/train_speed.json]
+    python -m bench.train_speed --accuracy SEED [SEED ...]   # full-data accuracy, both sides
+    python -m bench.train_speed --determinism                # what deterministic ops cost
 
 In one run, interleaving the sides round by round so that machine noise hits both alike:
 1. images/s of the reference model trained by `stages.train.train_model` (the pipeline,
@@ -68,10 +70,10 @@ def load_mnist(n_train):
     return prepare.scale_images(x[:n]), y[:n]
 
 
-def plain_keras(x, y, batch_size, timer, epochs=2, verbose=0):
+def plain_keras(x, y, batch_size, timer, epochs=2, verbose=0, seed=42):
     """The Keras tutorial, as written: float32, numpy arrays, validation_split=0.2."""
     keras.mixed_precision.set_dtype_policy("float32")
-    keras.utils.set_random_seed(42)
+    keras.utils.set_random_seed(seed)
     model = models.reference()
     model.compile(
         loss="categorical_crossentropy",
@@ -90,26 +92,56 @@ def plain_keras(x, y, batch_size, timer, epochs=2, verbose=0):
     return model
 
 
-def plain_keras_accuracy(epochs=12):
-    """The tutorial on all 60,000 training images: test accuracy and training time."""
-    mirror = mnist_dir()
-    x, y, x_test, y_test = prepare.load_raw(mirror)
-    start = time.perf_counter()
-    model = plain_keras(prepare.scale_images(x), y, 128, EpochTimer(), epochs, verbose=2)
-    seconds = time.perf_counter() - start
-    probs = model.predict(prepare.scale_images(x_test), batch_size=1000, verbose=0)
-    accuracy = float(np.mean(probs.argmax(axis=1) == y_test))
-    return {"epochs": epochs, "test_accuracy": accuracy, "train_seconds": seconds}
+def test_accuracy(model, x_test, y_test):
+    probs = model.predict(x_test, batch_size=1000, verbose=0)
+    return float(np.mean(probs.argmax(axis=1) == y_test))
 
 
-def pipeline(x, y, batch_size, timer, **overrides):
-    """stages.train.train_model with the committed params (batch size overridden)."""
+def accuracy_by_seed(seeds, epochs, train_size, out):
+    """Test accuracy of the reference model, plain Keras (float32) vs the pipeline's train
+    code (committed params: bf16 where the CPU has it), same data, epochs and seed; one
+    seed after another, both sides per seed. Rewrites `out` after each run."""
+    x, y, x_test, y_test = prepare.load_raw(mnist_dir())
+    x, y = prepare.scale_images(x[:train_size]), y[:train_size]
+    x_test = prepare.scale_images(x_test)
+    (x_tr, y_tr), (x_val, y_val) = prepare.split_validation(x, y, 0.2)
+    data = {"x_train": x_tr, "y_train": y_tr, "x_val": x_val, "y_val": y_val}
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    results = {"epochs": epochs, "train_images": len(x_tr), "runs": []}
+    for seed in seeds:
+        for side in ("plain_keras", "pipeline"):
+            start = time.perf_counter()
+            if side == "plain_keras":
+                model = plain_keras(x, y, 128, EpochTimer(), epochs, verbose=2, seed=seed)
+            else:
+                p = params.validate(
+                    "train", {**raw, "model": "reference", "epochs": epochs, "seed": seed}
+                )
+                model, _ = train_model(data, p)
+            seconds = time.perf_counter() - start
+            acc = test_accuracy(model, x_test, y_test)
+            run = {"side": side, "seed": seed, "test_accuracy": acc, "train_seconds": seconds}
+            print(json.dumps(run), flush=True)
+            results["runs"].append(run)
+            for name in ("plain_keras", "pipeline"):
+                accs = [r["test_accuracy"] for r in results["runs"] if r["side"] == name]
+                results[name] = {"mean": float(np.mean(accs)), "std": float(np.std(accs))}
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def pipeline(x, y, batch_size, timer, validate=True, **overrides):
+    """stages.train.train_model with the committed params (batch size overridden);
+    validate=False trains on the same images but skips the validation pass."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
     p = params.validate(
         "train",
         {**raw, "model": "reference", "epochs": 2, "batch_size": batch_size, **overrides},
     )
     (x_tr, y_tr), (x_val, y_val) = prepare.split_validation(x, y, 0.2)
+    if not validate:
+        x_val, y_val = x_val[:0], y_val[:0]
     data = {"x_train": x_tr, "y_train": y_tr, "x_val": x_val, "y_val": y_val}
     train_model(data, p, callbacks=[timer], verbose=0)
     return p
@@ -278,28 +310,39 @@ def main(argv=None):
         "--smoke", action="store_true", help="tiny sizes: checks it runs, in seconds"
     )
     parser.add_argument(
-        "--plain-accuracy",
-        action="store_true",
-        help="instead: train the plain Keras tutorial on full data, print its test accuracy",
+        "--accuracy",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="instead: full-data test accuracy, plain Keras vs pipeline, for each seed",
+    )
+    parser.add_argument("--epochs", type=int, default=12, help="with --accuracy")
+    parser.add_argument(
+        "--train-size", type=int, default=None, help="with --accuracy: first N training images"
     )
     parser.add_argument(
         "--determinism",
         action="store_true",
         help="instead: measure what train.deterministic: true costs in images/s",
     )
-    parser.add_argument("--out", default="bench/results/train_speed.json")
+    parser.add_argument("--out", default=None, help="JSON file (default under bench/results/)")
     args = parser.parse_args(argv)
-    if args.plain_accuracy:
-        print(json.dumps(plain_keras_accuracy()))
+    if args.accuracy:
+        out = args.out or "bench/results/accuracy.json"
+        r = accuracy_by_seed(args.accuracy, args.epochs, args.train_size, out)
+        for name in ("plain_keras", "pipeline"):
+            print(f"{name}: mean {r[name]['mean']:.4%}, std {r[name]['std']:.4%}")
+        print(f"wrote {out}")
         return
     if args.determinism:
         print(json.dumps(determinism_cost()))
         return
+    out = args.out or "bench/results/train_speed.json"
     results = run(SMOKE if args.smoke else FULL)
     print(report(results))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
