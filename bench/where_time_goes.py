@@ -71,7 +71,7 @@ VARIANTS = {
         {"mixed_precision": "mixed_bfloat16", "jit_compile": True},
     ),
 }
-FULL = {"n_train": 6_400, "rounds": 3}  # about 20 minutes here, XLA the slowest
+FULL = {"n_train": 6_400, "rounds": 3}  # 31 minutes here, XLA the slowest
 SMOKE = {"n_train": 256, "rounds": 1}
 
 
