@@ -31,6 +31,8 @@ import numpy as np
 import yaml
 
 from stages import models, params, prepare
+from stages.common import write_json
+from stages.evaluate import compute_metrics
 from stages.train import train_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,9 +94,10 @@ def plain_keras(x, y, batch_size, timer, epochs=2, verbose=0, seed=42):
     return model
 
 
-def test_accuracy(model, x_test, y_test):
-    probs = model.predict(x_test, batch_size=1000, verbose=0)
-    return float(np.mean(probs.argmax(axis=1) == y_test))
+def train_params(**overrides):
+    """The committed train params of params.yaml with overrides, validated."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    return params.validate("train", {**raw, **overrides})
 
 
 def accuracy_by_seed(seeds, epochs, train_size, out):
@@ -106,7 +109,6 @@ def accuracy_by_seed(seeds, epochs, train_size, out):
     x_test = prepare.scale_images(x_test)
     (x_tr, y_tr), (x_val, y_val) = prepare.split_validation(x, y, 0.2)
     data = {"x_train": x_tr, "y_train": y_tr, "x_val": x_val, "y_val": y_val}
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
     results = {"epochs": epochs, "train_images": len(x_tr), "runs": []}
     for seed in seeds:
         for side in ("plain_keras", "pipeline"):
@@ -114,31 +116,25 @@ def accuracy_by_seed(seeds, epochs, train_size, out):
             if side == "plain_keras":
                 model = plain_keras(x, y, 128, EpochTimer(), epochs, verbose=2, seed=seed)
             else:
-                p = params.validate(
-                    "train", {**raw, "model": "reference", "epochs": epochs, "seed": seed}
-                )
+                p = train_params(model="reference", epochs=epochs, seed=seed)
                 model, _ = train_model(data, p)
             seconds = time.perf_counter() - start
-            acc = test_accuracy(model, x_test, y_test)
+            probs = model.predict(x_test, batch_size=1000, verbose=0)
+            acc = compute_metrics(y_test, probs)["accuracy"]
             run = {"side": side, "seed": seed, "test_accuracy": acc, "train_seconds": seconds}
             print(json.dumps(run), flush=True)
             results["runs"].append(run)
             for name in ("plain_keras", "pipeline"):
                 accs = [r["test_accuracy"] for r in results["runs"] if r["side"] == name]
                 results[name] = {"mean": float(np.mean(accs)), "std": float(np.std(accs))}
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(results, indent=2) + "\n")
+            write_json(out, results)
     return results
 
 
 def pipeline(x, y, batch_size, timer, validate=True, **overrides):
     """stages.train.train_model with the committed params (batch size overridden);
     validate=False trains on the same images but skips the validation pass."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
-    p = params.validate(
-        "train",
-        {**raw, "model": "reference", "epochs": 2, "batch_size": batch_size, **overrides},
-    )
+    p = train_params(model="reference", epochs=2, batch_size=batch_size, **overrides)
     (x_tr, y_tr), (x_val, y_val) = prepare.split_validation(x, y, 0.2)
     if not validate:
         x_val, y_val = x_val[:0], y_val[:0]
@@ -259,7 +255,7 @@ def dvc_timings():
 
 def run(cfg):
     x, y = load_mnist(cfg["n_train"])
-    p = params.validate("train", yaml.safe_load((ROOT / "params.yaml").read_text())["train"])
+    p = train_params()
     results = {"config": cfg, "train_params": dataclasses.asdict(p), "rounds": []}
     sides = {"plain_keras": plain_keras, "pipeline": pipeline}
     for r in range(cfg["rounds"]):
@@ -340,8 +336,7 @@ def main(argv=None):
     out = args.out or "bench/results/train_speed.json"
     results = run(SMOKE if args.smoke else FULL)
     print(report(results))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out, results)
     print(f"wrote {out}")
 
 

@@ -79,17 +79,13 @@ def tfdata(x, y, batch_size, timer, **overrides):
     """The pipeline's model and compile step, fed by a tf.data pipeline instead of numpy."""
     import keras
     import tensorflow as tf
-    import yaml
 
-    from bench.train_speed import ROOT
-    from stages import params, prepare
+    from bench.train_speed import train_params
+    from stages import prepare
     from stages.dataset import NUM_CLASSES
     from stages.train import compile_model, resolve_precision, seed_everything
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
-    p = params.validate(
-        "train", {**raw, "model": "reference", "batch_size": batch_size, **overrides}
-    )
+    p = train_params(model="reference", batch_size=batch_size, **overrides)
     seed_everything(p.seed, p.deterministic)
     keras.mixed_precision.set_dtype_policy(resolve_precision(p.mixed_precision, [], False))
     (x_tr, y_tr), (x_val, y_val) = prepare.split_validation(x, y, 0.2)
