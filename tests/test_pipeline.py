@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not
 
 PROJECT_FILES = [
     "stages",
+    "tools",
     "dvc.yaml",
     "params.yaml",
     ".gitignore",
@@ -142,7 +143,7 @@ def test_plots_diff_draws_both_revisions(repo):
 
 
 def test_report_gives_the_exact_accuracy_delta_and_the_changed_param(repo):
-    output = sh(repo, sys.executable, "-m", "stages.report", "--base", "main")
+    output = sh(repo, sys.executable, "-m", "tools.report", "--base", "main")
     text = (repo / "report.md").read_text()
     old = json.loads(sh(repo, "git", "show", "main:data/evaluate/metrics.json"))["accuracy"]
     new = json.loads((repo / "data/evaluate/metrics.json").read_text())["accuracy"]
@@ -157,7 +158,7 @@ def test_report_gives_the_exact_accuracy_delta_and_the_changed_param(repo):
 
 def test_report_against_a_base_without_metrics_fails_clearly(repo):
     result = subprocess.run(
-        [sys.executable, "-m", "stages.report", "--base", "HEAD~2"],
+        [sys.executable, "-m", "tools.report", "--base", "HEAD~2"],
         cwd=repo,
         capture_output=True,
         text=True,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from stages import report
+from tools import report
 from stages.common import PipelineError
 
 METRICS = "data/evaluate/metrics.json"

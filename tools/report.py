@@ -1,6 +1,6 @@
 """Report: one Markdown file that says what the workspace changed against a base revision.
 
-    python -m stages.report --base main [--out report.md]
+    python -m tools.report --base main [--out report.md]
 
 Runs `dvc metrics diff` and `dvc params diff` against BASE and writes OUT: a one-line
 verdict on test accuracy, the metric and param tables, and the evaluate stage's figures.

@@ -1,0 +1,1 @@
+"""Commands a user runs around the pipeline: report, predict, serve."""
