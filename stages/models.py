@@ -13,8 +13,9 @@ probabilities in 16 bits.
 import keras
 from keras import layers
 
+from stages.dataset import NUM_CLASSES
+
 INPUT_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
 
 
 def reference():
