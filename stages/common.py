@@ -42,10 +42,22 @@ def atomic_dir(final):
     os.replace(tmp, final)
 
 
+@contextlib.contextmanager
+def atomic_file(final):
+    """Yields a temporary path beside `final` (same suffix); renames it to `final` on
+    success, removes it on any exception, so `final` is never half-written."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.stem}.tmp{final.suffix}")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, final)
+
+
 def write_json(path, obj):
-    """Writes `obj` as pretty JSON to `path` atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Writes `obj` as pretty JSON to `path` atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

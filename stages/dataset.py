@@ -11,7 +11,7 @@ import numpy as np
 
 from stages.common import PipelineError, atomic_dir
 
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # the digits 0-9
 SPLITS = ("train", "val", "test")
 
 

@@ -1,154 +1,109 @@
-"""Reads one section of params.yaml, validates it, and returns it as a frozen dataclass.
+"""Reads one section of params.yaml, validates it, and returns it as a frozen object.
 
-Every stage calls `load(section)` once, before any work: an unknown key, a missing key,
-a wrong type or an out-of-range value raises a PipelineError naming the key and what
-is allowed.
+Each section is one pydantic model below: a key's type and allowed range are declared on
+its line, once. Every stage calls `load(section)` before any work: an unknown key, a
+missing key, a wrong type or an out-of-range value raises a PipelineError naming the key
+and what is allowed, e.g. `params.yaml: train.epochs must be an integer >= 1, got 0`.
 """
 
-import dataclasses
-from dataclasses import dataclass
+import types
+import typing
 from pathlib import Path
+from typing import Annotated, Literal
 
+import annotated_types as at
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.common import PipelineError
 
 PARAMS_FILE = "params.yaml"  # DVC's default; stages run from the project root
 
-
-@dataclass(frozen=True)
-class Rule:
-    allowed: str  # said in the error message: "train.epochs must be <allowed>, got 0"
-    check: object  # value -> bool
+Url = Annotated[str, Field(pattern=r"^https?://")]
 
 
-def integer(lo, hi=None, none_ok=False):
-    allowed = f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
-    return Rule(
-        allowed + (" or null" if none_ok else ""),
-        lambda v: (
-            (none_ok and v is None) or (type(v) is int and v >= lo and (hi is None or v <= hi))
-        ),
-    )
+class Section(BaseModel):
+    # strict: 1 is not True and "3" is not 3; extra="forbid": a typo'd key is an error.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
-def number(lo, hi, hi_open=False):
-    bracket = ")" if hi_open else "]"
-    return Rule(
-        f"a number in [{lo}, {hi}{bracket}",
-        lambda v: type(v) in (int, float) and lo <= v and (v < hi if hi_open else v <= hi),
-    )
+class Fetch(Section):
+    mirrors: tuple[Url, ...] = Field(min_length=1, strict=False)  # tried after $MNIST_MIRROR
+    timeout_s: float = Field(gt=0)  # per HTTP request
 
 
-def positive_number():
-    return Rule("a number > 0", lambda v: type(v) in (int, float) and v > 0)
+class Prepare(Section):
+    train_size: int | None = Field(ge=1, le=60_000)  # first N training images; None = all
+    validation_split: float = Field(ge=0, lt=1)  # last fraction held out, as Keras does
 
 
-def one_of(*choices):
-    return Rule(
-        "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices),
-        lambda v: any(v == c and type(v) is type(c) for c in choices),
-    )
-
-
-def boolean():
-    return Rule("true or false", lambda v: type(v) is bool)
-
-
-def url_list():
-    return Rule(
-        "a non-empty list of http(s) URLs",
-        lambda v: (
-            isinstance(v, list)
-            and len(v) > 0
-            and all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in v)
-        ),
-    )
-
-
-@dataclass(frozen=True)
-class FetchParams:
-    mirrors: tuple  # base URLs, tried in order after $MNIST_MIRROR
-    timeout_s: float  # per HTTP request
-
-
-@dataclass(frozen=True)
-class PrepareParams:
-    train_size: int | None  # first N of the 60,000 training images; None = all
-    validation_split: float  # last fraction of the training set held out, as Keras does
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    model: str
-    seed: int
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    mixed_precision: str
-    jit_compile: object  # "auto", True or False
+class Train(Section):
+    model: Literal["reference", "compact", "best", "fast"]  # a preset of stages/models.py
+    seed: int = Field(ge=0)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)  # global: split across replicas
+    learning_rate: float = Field(gt=0)
+    mixed_precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
+    jit_compile: Literal["auto", True, False]
     deterministic: bool
-    distribute: str
+    distribute: Literal["auto", "none", "mirrored"]
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    batch_size: int
-    gallery_size: int
+class Evaluate(Section):
+    batch_size: int = Field(ge=1)
+    gallery_size: int = Field(ge=1, le=100)
 
 
-RULES = {
-    "fetch": (FetchParams, {"mirrors": url_list(), "timeout_s": positive_number()}),
-    "prepare": (
-        PrepareParams,
-        {
-            "train_size": integer(1, 60_000, none_ok=True),
-            "validation_split": number(0, 1, hi_open=True),
-        },
-    ),
-    "train": (
-        TrainParams,
-        {
-            "model": one_of("reference", "compact", "best"),
-            "seed": integer(0),
-            "epochs": integer(1),
-            "batch_size": integer(1),
-            "learning_rate": positive_number(),
-            "mixed_precision": one_of("auto", "float32", "mixed_float16", "mixed_bfloat16"),
-            "jit_compile": one_of("auto", True, False),
-            "deterministic": boolean(),
-            "distribute": one_of("auto", "none", "mirrored"),
-        },
-    ),
-    "evaluate": (
-        EvaluateParams,
-        {"batch_size": integer(1), "gallery_size": integer(1, 100)},
-    ),
-}
+SECTIONS = {"fetch": Fetch, "prepare": Prepare, "train": Train, "evaluate": Evaluate}
+
+
+def describe(annotation, metadata):
+    """What a field allows, in words: 'an integer >= 1', 'one of auto, true, false', ..."""
+    bounds = {type(m): m for m in metadata}
+    if typing.get_origin(annotation) is Literal:
+        choices = typing.get_args(annotation)
+        return "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else c for c in choices)
+    if isinstance(annotation, types.UnionType):  # X | None
+        inner = next(a for a in typing.get_args(annotation) if a is not type(None))
+        return describe(inner, metadata) + " or null"
+    if annotation is bool:
+        return "true or false"
+    if annotation is int:
+        words = ["an integer"]
+        if at.Ge in bounds:
+            words.append(f">= {bounds[at.Ge].ge}")
+        if at.Le in bounds:
+            words.append(f"and <= {bounds[at.Le].le}")
+        return " ".join(words)
+    if annotation is float:
+        if at.Lt in bounds:
+            return f"a number in [{bounds[at.Ge].ge}, {bounds[at.Lt].lt})"
+        return f"a number > {bounds[at.Gt].gt}"
+    if typing.get_origin(annotation) is tuple:
+        return "a non-empty list of http(s) URLs"
+    raise TypeError(f"no description for {annotation}")
 
 
 def validate(section, values, source=PARAMS_FILE):
-    """Checks a section's dict against RULES and returns its dataclass."""
-    cls, rules = RULES[section]
+    """Checks a section's dict and returns its frozen model."""
+    model = SECTIONS[section]
     if not isinstance(values, dict):
         raise PipelineError(f"{source}: section '{section}' must be a mapping of keys to values")
-    unknown = sorted(set(values) - set(rules))
-    if unknown:
-        raise PipelineError(
-            f"{source}: unknown key {section}.{unknown[0]}; allowed keys: {', '.join(rules)}"
-        )
-    missing = [k for k in rules if k not in values]
-    if missing:
-        raise PipelineError(f"{source}: missing key {section}.{missing[0]}")
-    for key, rule in rules.items():
-        if not rule.check(values[key]):
-            raise PipelineError(
-                f"{source}: {section}.{key} must be {rule.allowed}, got {values[key]!r}"
-            )
-    fields = {f.name: values[f.name] for f in dataclasses.fields(cls)}
-    if "mirrors" in fields:
-        fields["mirrors"] = tuple(fields["mirrors"])
-    return cls(**fields)
+    try:
+        return model(**values)
+    except ValidationError as e:
+        error = e.errors()[0]
+        key = error["loc"][0]
+        if error["type"] == "extra_forbidden":
+            allowed = ", ".join(model.model_fields)
+            message = f"unknown key {section}.{key}; allowed keys: {allowed}"
+        elif error["type"] == "missing":
+            message = f"missing key {section}.{key}"
+        else:
+            field = model.model_fields[key]
+            allowed = describe(field.annotation, field.metadata)
+            message = f"{section}.{key} must be {allowed}, got {values[key]!r}"
+        raise PipelineError(f"{source}: {message}") from None
 
 
 def load(section, path=PARAMS_FILE):

@@ -10,7 +10,6 @@ else the CPU. Model code uses Keras 3 APIs only, so KERAS_BACKEND=jax works too.
 """
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -97,7 +96,7 @@ def seed_everything(seed, deterministic):
 
 def fingerprint(p, data):
     """Identifies a training run, so a checkpoint is only resumed by the same run."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(p), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(p.model_dump(), sort_keys=True).encode())
     h.update(keras.backend.backend().encode())
     for name in ("x_train", "y_train", "x_val", "y_val"):
         h.update(f"{name}{data[name].shape}".encode())

@@ -2,6 +2,7 @@
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from stages import params
 from stages.common import PipelineError
@@ -13,7 +14,7 @@ def section(name):
 
 
 def test_the_committed_params_are_valid():
-    for name in params.RULES:
+    for name in params.SECTIONS:
         params.validate(name, section(name))
 
 
@@ -39,7 +40,7 @@ def test_the_committed_params_are_valid():
             "train",
             "model",
             "resnet",
-            "train.model must be one of reference, compact, best, got 'resnet'",
+            "train.model must be one of reference, compact, best, fast, got 'resnet'",
         ),
         (
             "train",
@@ -49,6 +50,17 @@ def test_the_committed_params_are_valid():
         ),
         ("train", "learning_rate", -1, "train.learning_rate must be a number > 0, got -1"),
         ("fetch", "mirrors", [], "fetch.mirrors must be a non-empty list of http(s) URLs, got []"),
+        (
+            "fetch",
+            "mirrors",
+            ["ftp://x/"],
+            "fetch.mirrors must be a non-empty list of http(s) URLs, got ['ftp://x/']",
+        ),
+        ("fetch", "timeout_s", 0, "fetch.timeout_s must be a number > 0, got 0"),
+        ("prepare", "train_size", 0.5, "prepare.train_size must be an integer >= 1 and <= 60000 or null, got 0.5"),
+        ("evaluate", "gallery_size", 101, "evaluate.gallery_size must be an integer >= 1 and <= 100, got 101"),
+        ("train", "deterministic", "yes", "train.deterministic must be true or false, got 'yes'"),
+        ("train", "seed", "3", "train.seed must be an integer >= 0, got '3'"),
     ],
 )
 def test_invalid_values_name_the_key_and_what_is_allowed(name, key, value, message):
@@ -69,10 +81,10 @@ def test_unknown_and_missing_keys():
     assert str(error.value) == "params.yaml: missing key prepare.validation_split"
 
 
-def test_valid_values_become_a_frozen_dataclass():
+def test_valid_values_become_a_frozen_object():
     p = params.validate("prepare", {"train_size": 5000, "validation_split": 0})
     assert (p.train_size, p.validation_split) == (5000, 0)
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValidationError, match="frozen"):
         p.train_size = 1
 
 
