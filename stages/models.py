@@ -1,4 +1,5 @@
-"""The model presets that `train.model` selects: an architecture and its optimizer.
+"""The model presets that `train.model` selects (an architecture and its optimizer), and
+the .keras file they are saved in.
 
 - reference: the Keras MNIST tutorial CNN, unchanged (2,435,210 parameters, Adadelta).
 - compact:   two batch-normalised conv blocks (32, 64 filters) and Dense 128, Adam on a
@@ -10,9 +11,14 @@ Every model ends in a float32 softmax, so mixed precision never computes the out
 probabilities in 16 bits.
 """
 
+import json
+import zipfile
+from pathlib import Path
+
 import keras
 from keras import layers
 
+from stages.common import PipelineError, atomic_file
 from stages.dataset import NUM_CLASSES
 
 INPUT_SHAPE = (28, 28, 1)
@@ -104,3 +110,41 @@ def optimizer(name, learning_rate, total_steps):
         return keras.optimizers.Adadelta(learning_rate=learning_rate)
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=total_steps)
     return keras.optimizers.Adam(learning_rate=schedule)
+
+
+# Keras stamps the save time into metadata.json and into the zip entry of the weights;
+# both are fixed here so that the same weights always give the same file (and DVC hash).
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def save_model(model, path):
+    """Writes `model` to the .keras file `path` atomically, byte-for-byte reproducibly."""
+    with atomic_file(path) as tmp:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp) as archive:
+            entries = [(info, archive.read(info)) for info in archive.infolist()]
+        with zipfile.ZipFile(tmp, "w") as archive:
+            for info, data in entries:
+                if info.filename == "metadata.json":
+                    metadata = json.loads(data)
+                    metadata.pop("date_saved", None)
+                    data = json.dumps(metadata).encode()
+                fixed = zipfile.ZipInfo(info.filename, date_time=ZIP_EPOCH)
+                fixed.compress_type = info.compress_type
+                archive.writestr(fixed, data)
+
+
+def load_model(path):
+    """Reads a .keras file; a missing, truncated or corrupt one is a one-line PipelineError."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path} not found; run `dvc repro train` first")
+    try:
+        return keras.saving.load_model(path)
+    # A damaged archive surfaces as any of these, depending on where the damage is.
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PipelineError(
+            f"{path} is not a readable Keras model ({reason[:120]}); "
+            "restore it with `dvc checkout` or rebuild it with `dvc repro train`"
+        ) from None
