@@ -31,5 +31,12 @@ def load_prepared(prepared_dir, splits=SPLITS):
             path = prepared_dir / f"{kind}_{split}.npy"
             if not path.exists():
                 raise PipelineError(f"{path} not found; run `dvc repro prepare` first")
-            arrays[f"{kind}_{split}"] = np.load(path, allow_pickle=False)
+            try:
+                arrays[f"{kind}_{split}"] = np.load(path, allow_pickle=False)
+            # A truncated file fails the size check (ValueError) or ends early (EOFError).
+            except (ValueError, EOFError) as e:
+                raise PipelineError(
+                    f"{path} is not a readable .npy array ({str(e).splitlines()[0][:120]}); "
+                    "restore it with `dvc checkout` or rebuild it with `dvc repro prepare`"
+                ) from None
     return arrays

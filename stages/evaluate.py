@@ -10,14 +10,19 @@ All of OUT is written at once, or not at all.
 import argparse
 from pathlib import Path
 
-import keras
-import numpy as np
-import pandas as pd
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-from stages import figures, params
+from stages import params
 from stages.common import PipelineError, atomic_dir, run_cli, write_json
-from stages.dataset import NUM_CLASSES, load_prepared
+
+if __name__ == "__main__":
+    # A bad param fails in about a second, before TensorFlow's start-up below.
+    run_cli(lambda _: params.load("evaluate"))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
+
+from stages import figures, models  # noqa: E402
+from stages.dataset import NUM_CLASSES, load_prepared  # noqa: E402
 
 EPSILON = 1e-7  # Keras' clip for log(0) in cross-entropy
 
@@ -58,7 +63,8 @@ def most_confident_errors(labels, probs, k):
 
 
 def read_history(live_dir):
-    """dvclive's per-epoch TSVs -> DataFrame indexed by epoch (1-based): loss, val_loss, ..."""
+    """dvclive's per-epoch TSVs (step = epoch, 1-based) -> DataFrame indexed by epoch:
+    loss, accuracy, val_loss, val_accuracy."""
     metrics_dir = Path(live_dir) / "plots" / "metrics"
     columns = {}
     for split, prefix in (("train", ""), ("eval", "val_")):
@@ -66,16 +72,10 @@ def read_history(live_dir):
             tsv = metrics_dir / split / f"{metric}.tsv"
             if tsv.exists():
                 frame = pd.read_csv(tsv, sep="\t")
-                columns[prefix + metric] = frame.set_index(frame["step"] + 1)[metric]
+                columns[prefix + metric] = frame.set_index("step")[metric]
     if "loss" not in columns:
         raise PipelineError(f"no training history in {metrics_dir}; run `dvc repro train` first")
     return pd.DataFrame(columns).rename_axis("epoch")
-
-
-def load_model(path):
-    if not Path(path).exists():
-        raise PipelineError(f"{path} not found; run `dvc repro train` first")
-    return keras.saving.load_model(path)
 
 
 def write_outputs(out_dir, labels, probs, images, history, gallery_size):
@@ -111,7 +111,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
     p = params.load("evaluate")
-    model = load_model(args.model)
+    model = models.load_model(args.model)
     test = load_prepared(args.data, splits=("test",))
     history = read_history(args.live)
     probs = model.predict(test["x_test"], batch_size=p.batch_size, verbose=0)

@@ -1,9 +1,10 @@
 """Train stage: fits the CNN preset chosen by `train.model` on the prepared arrays.
 
 Reads   params.yaml `train` and DATA/{x,y}_{train,val}.npy from prepare.
-Writes  MODEL (native .keras file), LIVE/ (dvclive: per-epoch loss, accuracy, val_loss,
-        val_accuracy as plots/metrics/{train,eval}/*.tsv, and metrics.json), and keeps
-        CHECKPOINT/ while training so that a killed run resumes from its last finished epoch.
+Writes  MODEL (native .keras file) and LIVE/ (dvclive: per-epoch loss, accuracy, val_loss,
+        val_accuracy as plots/metrics/{train,eval}/*.tsv with step = epoch, 1-based, and
+        metrics.json). While training, CHECKPOINT/ holds a backup of the last finished
+        epoch, so that a killed run resumes from there; a finished run empties it.
 
 Runs on whatever Keras finds: a GPU when one is visible (several -> MirroredStrategy),
 else the CPU. Model code uses Keras 3 APIs only, so KERAS_BACKEND=jax works too.
@@ -12,18 +13,24 @@ else the CPU. Model code uses Keras 3 APIs only, so KERAS_BACKEND=jax works too.
 import argparse
 import hashlib
 import json
-import os
 import shutil
+import sys
 from pathlib import Path
 
-import keras
-import numpy as np
-from dvclive import Live
-from dvclive.keras import DVCLiveCallback
-
-from stages import models, params
+from stages import params
 from stages.common import PipelineError, run_cli
-from stages.dataset import NUM_CLASSES, load_prepared
+
+if __name__ == "__main__":
+    # A bad param fails in about a second, before TensorFlow's start-up below.
+    run_cli(lambda _: params.load("train"))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from dvclive import Live  # noqa: E402
+from dvclive.utils import standardize_metric_name  # noqa: E402
+
+from stages import models  # noqa: E402
+from stages.dataset import NUM_CLASSES, load_prepared  # noqa: E402
 
 FINGERPRINT = "fingerprint.json"
 
@@ -39,10 +46,6 @@ def list_gpus():
         import jax
 
         return [str(d) for d in jax.devices() if d.platform == "gpu"]
-    if backend == "torch":
-        import torch
-
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return []
 
 
@@ -58,7 +61,7 @@ def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
 
 def resolve_precision(setting, gpus, bf16_cpu):
     """`auto` -> mixed_float16 on GPUs (tensor cores); mixed_bfloat16 on a CPU with native
-    bf16 (measured 1.6x faster for the reference model, same accuracy); else float32."""
+    bf16 (faster, same accuracy: README, "Presets, precision and speed"); else float32."""
     if setting != "auto":
         return setting
     if gpus:
@@ -104,17 +107,19 @@ def fingerprint(p, data):
     return h.hexdigest()
 
 
-def prepare_checkpoint(checkpoint_dir, fp):
-    """Returns True to resume from checkpoint_dir; clears it when it belongs to another run."""
+def can_resume(checkpoint_dir, fp):
+    """True when checkpoint_dir holds a backup of this very run (same fingerprint)."""
+    stamp = Path(checkpoint_dir) / FINGERPRINT
+    backup = Path(checkpoint_dir) / "backup"
+    return backup.exists() and stamp.exists() and json.loads(stamp.read_text()) == fp
+
+
+def reset_checkpoint(checkpoint_dir, fp):
+    """Empties checkpoint_dir of any other run's backup and stamps it with this run's."""
     checkpoint_dir = Path(checkpoint_dir)
-    stamp = checkpoint_dir / FINGERPRINT
-    backup = checkpoint_dir / "backup"
-    if backup.exists() and stamp.exists() and json.loads(stamp.read_text()) == fp:
-        return True
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.mkdir(parents=True)
-    stamp.write_text(json.dumps(fp))
-    return False
+    (checkpoint_dir / FINGERPRINT).write_text(json.dumps(fp))
 
 
 def resumed_epoch(checkpoint_dir):
@@ -134,8 +139,11 @@ def compile_model(p, steps_per_epoch):
     return model
 
 
-def train_model(data, p, callbacks=(), verbose=2):
-    """Builds, compiles and fits preset p.model; returns (model, keras History)."""
+def train_model(data, p, callbacks=(), verbose="auto"):
+    """Builds, compiles and fits preset p.model; returns the trained model.
+
+    verbose="auto": Keras' live progress bar on a terminal, one line per epoch otherwise
+    (CI logs, `dvc exp run --queue`, a file)."""
     gpus = list_gpus()
     print(f"train: backend {keras.backend.backend()}, GPUs: {gpus or 'none, using the CPU'}")
     seed_everything(p.seed, p.deterministic)
@@ -151,7 +159,9 @@ def train_model(data, p, callbacks=(), verbose=2):
             model = compile_model(p, steps_per_epoch)
     print(f"train: preset {p.model}, {model.count_params():,} parameters, precision {policy}")
     has_val = len(data["x_val"]) > 0
-    history = model.fit(
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+    model.fit(
         data["x_train"],
         keras.utils.to_categorical(data["y_train"], NUM_CLASSES),
         batch_size=p.batch_size,
@@ -162,21 +172,36 @@ def train_model(data, p, callbacks=(), verbose=2):
             else None
         ),
         callbacks=list(callbacks),
-        verbose=verbose,  # 2: one line per epoch, readable in CI logs and `dvc repro` output
+        verbose=verbose,
     )
-    return model, history
+    return model
 
 
-def save_model(model, path):
-    """Saves atomically: Keras writes a temp .keras file, then it is renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+class LogToLive(keras.callbacks.Callback):
+    """dvclive's Keras callback without its `import tensorflow`, so that training under
+    KERAS_BACKEND=jax needs no TensorFlow installed."""
+
+    def __init__(self, live):
+        super().__init__()
+        self.live = live
+
+    def on_epoch_end(self, epoch, logs=None):
+        for name, value in (logs or {}).items():  # val_loss -> eval/loss, loss -> train/loss
+            self.live.log_metric(standardize_metric_name(name, "dvclive.keras"), value)
+        self.live.next_step()
+
+    def on_train_end(self, logs=None):
+        self.live.end()
 
 
-def main(argv=None, extra_callbacks=()):
+def make_callbacks(live, checkpoint_dir):
+    return [
+        LogToLive(live),  # logs epoch k before the backup of epoch k is written
+        keras.callbacks.BackupAndRestore(str(Path(checkpoint_dir) / "backup")),
+    ]
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="directory of prepared .npy arrays")
     parser.add_argument("--model", required=True, help="output .keras file")
@@ -185,24 +210,22 @@ def main(argv=None, extra_callbacks=()):
     args = parser.parse_args(argv)
     p = params.load("train")
     data = load_prepared(args.data, splits=("train", "val"))
-    resume = prepare_checkpoint(args.checkpoint, fingerprint(p, data))
+    fp = fingerprint(p, data)
+    resume = can_resume(args.checkpoint, fp)
     if resume:
         print(f"train: resuming from the checkpoint in {args.checkpoint}")
+    else:
+        reset_checkpoint(args.checkpoint, fp)
     live = Live(args.live, resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)
-    if resume:
-        # Continue the curves at the epoch Keras resumes from (dvclive alone would log
-        # a run killed after its first epoch at step 0 twice).
-        live.step = resumed_epoch(args.checkpoint)
-    callbacks = [
-        DVCLiveCallback(live=live),  # logs epoch k before the backup of epoch k is written
-        keras.callbacks.BackupAndRestore(str(Path(args.checkpoint) / "backup")),
-        *extra_callbacks,
-    ]
-    model, _ = train_model(data, p, callbacks)
-    save_model(model, args.model)
-    # Finished: the backup is gone (BackupAndRestore deletes it); drop the stamp too,
+    # dvclive's step is the epoch, 1-based like Keras' own log and curves.png; a resumed
+    # run continues at the epoch Keras resumes from (dvclive alone would log a run killed
+    # after its first epoch at step 1 twice).
+    live.step = 1 + (resumed_epoch(args.checkpoint) if resume else 0)
+    model = train_model(data, p, make_callbacks(live, args.checkpoint))
+    models.save_model(model, args.model)
+    # Finished: BackupAndRestore has deleted its backup; drop the stamp and the folder too,
     # so nothing from this run can leak into the next one.
-    (Path(args.checkpoint) / FINGERPRINT).unlink(missing_ok=True)
+    shutil.rmtree(args.checkpoint)
     print(f"train: saved {args.model}")
 
 

@@ -6,7 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages import evaluate
+from stages import evaluate, models
+from stages.common import PipelineError
+from stages.dataset import load_prepared
+from tests.conftest import make_prepared
 
 
 def one_hot_probs(predicted, confidence):
@@ -65,7 +68,7 @@ def write_history(live_dir, losses, val_losses):
         for metric in ("loss", "accuracy"):
             d = live_dir / "plots" / "metrics" / split
             d.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame({"step": range(len(values)), metric: values}).to_csv(
+            pd.DataFrame({"step": range(1, len(values) + 1), metric: values}).to_csv(
                 d / f"{metric}.tsv", sep="\t", index=False
             )
 
@@ -99,3 +102,26 @@ def test_outputs_are_written_together_as_valid_pngs(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         assert width >= 300 and height >= 150, (name, width, height)
+
+
+def test_a_truncated_model_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "model.keras"
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(PipelineError) as error:
+        models.load_model(path)
+    assert str(error.value).startswith(f"{path} is not a readable Keras model (")
+    assert str(error.value).endswith(
+        "); restore it with `dvc checkout` or rebuild it with `dvc repro train`"
+    )
+
+
+def test_a_truncated_prepared_array_is_a_one_line_error(tmp_path):
+    make_prepared(tmp_path)
+    path = tmp_path / "x_test.npy"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(PipelineError) as error:
+        load_prepared(tmp_path, splits=("test",))
+    assert str(error.value).startswith(f"{path} is not a readable .npy array (")
+    assert str(error.value).endswith(
+        "); restore it with `dvc checkout` or rebuild it with `dvc repro prepare`"
+    )
