@@ -2,8 +2,8 @@
 
 import pytest
 
-from tools import report
 from stages.common import PipelineError
+from tools import report
 
 METRICS = "data/evaluate/metrics.json"
 METRICS_DIFF = {
@@ -47,6 +47,9 @@ def test_render_has_the_tables_the_moved_metrics_and_the_figures():
     )
     assert f"| `{METRICS}` | accuracy | 0.9908 | 0.9921 | +0.0013 |" in text
     assert f"| `{METRICS}` | errors | 92 | 79 | -13 |" in text
+    headline = [line.split(" | ")[1] for line in text.splitlines() if f"| `{METRICS}` |" in line]
+    assert headline[:3] == ["accuracy", "loss", "errors"]  # the order the README gives
+    assert text.startswith("# What this change did to the model\n\n**Test accuracy up")
     assert "| `train.epochs` | 12 | 15 |" in text
     assert "per_class.3.f1 | 0.9900 | 0.9950 | +0.0050 |" in text
     assert "per_class.4.f1" not in text  # unchanged, so left out

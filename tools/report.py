@@ -14,9 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
-from stages.common import PipelineError, run_cli
+from stages.common import PipelineError, atomic_file, run_cli
+from tools.paths import dvc_var
 
 FIGURES = {  # title -> file name under the evaluate stage's plots/
     "Training curves": "curves.png",
@@ -24,11 +23,6 @@ FIGURES = {  # title -> file name under the evaluate stage's plots/
     "Most confident mistakes": "errors.png",
 }
 HEADLINE = ("accuracy", "loss", "errors")  # always shown; other metrics only when they moved
-
-
-def evaluation_dir(dvc_yaml="dvc.yaml"):
-    """The evaluate stage's output directory, as named in dvc.yaml's vars."""
-    return yaml.safe_load(Path(dvc_yaml).read_text())["vars"][0]["evaluation"]
 
 
 def dvc_json(*args):
@@ -86,11 +80,15 @@ def table(rows, header):
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def headline_order(name, _entry):
+    return (HEADLINE.index(name) if name in HEADLINE else len(HEADLINE), name)
+
+
 def metric_rows(metrics_diff, metrics_path, headline):
-    """Headline rows (always), or the other rows whose value moved."""
+    """Headline rows (always, in HEADLINE's order), or the other rows whose value moved."""
     rows = []
     for path, entries in sorted(metrics_diff.items()):
-        for name, e in sorted(entries.items()):
+        for name, e in sorted(entries.items(), key=lambda item: headline_order(*item)):
             is_headline = path == metrics_path and name in HEADLINE
             if is_headline == headline and (headline or e.get("old") != e.get("new")):
                 rows.append(
@@ -137,7 +135,7 @@ def main(argv=None):
     parser.add_argument("--base", required=True, help="git revision to compare against")
     parser.add_argument("--out", default="report.md", help="Markdown file to write")
     args = parser.parse_args(argv)
-    evaluation = Path(evaluation_dir())
+    evaluation = Path(dvc_var("evaluation"))
     metrics_path = str(evaluation / "metrics.json")
     metrics_diff = dvc_json("metrics", "diff", args.base, "--all")
     params_diff = dvc_json("params", "diff", args.base)
@@ -148,10 +146,8 @@ def main(argv=None):
         if (evaluation / "plots" / name).exists()
     }
     text = render(args.base, metrics_diff, params_diff, metrics_path, figures)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        tmp.write_text(text)
     print(f"report: {verdict(metrics_diff, metrics_path, args.base)}\nreport: wrote {args.out}")
 
 
