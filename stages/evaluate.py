@@ -17,12 +17,12 @@ if __name__ == "__main__":
     # A bad param fails in about a second, before TensorFlow's start-up below.
     run_cli(lambda _: params.load("evaluate"))
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from stages import figures, models  # noqa: E402
-from stages.dataset import NUM_CLASSES, load_prepared  # noqa: E402
+from stages import figures, models
+from stages.dataset import NUM_CLASSES, load_prepared
 
 EPSILON = 1e-7  # Keras' clip for log(0) in cross-entropy
 

@@ -6,6 +6,8 @@ matplotlib.use("Agg")  # headless: CI runners and servers have no display
 import matplotlib.pyplot as plt
 import numpy as np
 
+from stages.dataset import NUM_CLASSES
+
 
 def save(fig, path):
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -13,7 +15,7 @@ def save(fig, path):
 
 
 def confusion_heatmap(matrix, path):
-    """matrix: (10, 10) counts, rows = actual, columns = predicted."""
+    """matrix: (NUM_CLASSES, NUM_CLASSES) counts, rows = actual, columns = predicted."""
     fig, ax = plt.subplots(figsize=(7, 6))
     # Log-ish colour scale so that the few errors stand out against the big diagonal.
     im = ax.imshow(np.log1p(matrix), cmap="Blues")
@@ -21,7 +23,9 @@ def confusion_heatmap(matrix, path):
         if count:
             colour = "white" if matrix[i, j] > matrix.max() / 2 else "black"
             ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color=colour)
-    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="actual")
+    ax.set(
+        xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted", ylabel="actual"
+    )
     ax.set_title(f"Confusion matrix: {int(np.trace(matrix))}/{int(matrix.sum())} correct")
     fig.colorbar(im, ax=ax, label="log(1 + count)")
     save(fig, path)

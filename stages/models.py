@@ -128,7 +128,7 @@ def save_model(model, path):
                 if info.filename == "metadata.json":
                     metadata = json.loads(data)
                     metadata.pop("date_saved", None)
-                    data = json.dumps(metadata).encode()
+                    data = json.dumps(metadata).encode()  # noqa: PLW2901
                 fixed = zipfile.ZipInfo(info.filename, date_time=ZIP_EPOCH)
                 fixed.compress_type = info.compress_type
                 archive.writestr(fixed, data)

@@ -54,7 +54,20 @@ class Evaluate(Section):
     gallery_size: int = Field(ge=1, le=100)
 
 
-SECTIONS = {"fetch": Fetch, "prepare": Prepare, "train": Train, "evaluate": Evaluate}
+class Export(Section):
+    batch_size: int = Field(ge=1)  # parity runs and the large-batch timing
+    tolerance: float = Field(gt=0)  # max |Δp|, exports against Keras in float32
+    precision_tolerance: float = Field(gt=0)  # max |Δp|, float32 export vs the model as trained
+    latency_images: int = Field(ge=1)  # images timed one at a time (batch 1)
+
+
+SECTIONS = {
+    "fetch": Fetch,
+    "prepare": Prepare,
+    "train": Train,
+    "evaluate": Evaluate,
+    "export": Export,
+}
 
 
 def describe(annotation, metadata):

@@ -24,13 +24,13 @@ if __name__ == "__main__":
     # A bad param fails in about a second, before TensorFlow's start-up below.
     run_cli(lambda _: params.load("train"))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from dvclive import Live  # noqa: E402
-from dvclive.utils import standardize_metric_name  # noqa: E402
+import keras
+import numpy as np
+from dvclive import Live
+from dvclive.utils import standardize_metric_name
 
-from stages import models  # noqa: E402
-from stages.dataset import NUM_CLASSES, load_prepared  # noqa: E402
+from stages import models
+from stages.dataset import NUM_CLASSES, load_prepared
 
 FINGERPRINT = "fingerprint.json"
 

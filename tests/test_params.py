@@ -1,5 +1,9 @@
 """Param validation: each bad value stops a stage with one line naming the key."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -57,8 +61,18 @@ def test_the_committed_params_are_valid():
             "fetch.mirrors must be a non-empty list of http(s) URLs, got ['ftp://x/']",
         ),
         ("fetch", "timeout_s", 0, "fetch.timeout_s must be a number > 0, got 0"),
-        ("prepare", "train_size", 0.5, "prepare.train_size must be an integer >= 1 and <= 60000 or null, got 0.5"),
-        ("evaluate", "gallery_size", 101, "evaluate.gallery_size must be an integer >= 1 and <= 100, got 101"),
+        (
+            "prepare",
+            "train_size",
+            0.5,
+            "prepare.train_size must be an integer >= 1 and <= 60000 or null, got 0.5",
+        ),
+        (
+            "evaluate",
+            "gallery_size",
+            101,
+            "evaluate.gallery_size must be an integer >= 1 and <= 100, got 101",
+        ),
         ("train", "deterministic", "yes", "train.deterministic must be true or false, got 'yes'"),
         ("train", "seed", "3", "train.seed must be an integer >= 0, got '3'"),
     ],
@@ -114,3 +128,21 @@ def test_a_stage_with_a_bad_param_exits_1_with_one_line_and_writes_nothing(workd
         "Error: params.yaml: train.epochs must be an integer >= 1, got 0"
     )
     assert sorted(p.name for p in workdir.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+def test_a_bad_param_stops_the_stage_before_tensorflow_is_imported(workdir, stage):
+    write_params(workdir / "params.yaml", train__epochs=0, evaluate__batch_size=0)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", f"stages.{stage}"],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(f"Error: params.yaml: {stage}.")
+    imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines()]
+    assert "stages.params" in imported
+    assert "tensorflow" not in imported and "keras" not in imported

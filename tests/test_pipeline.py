@@ -1,6 +1,9 @@
 """The real pipeline, run as a user runs it: `dvc repro`, `dvc status`, diffs between
 branches, the report and experiments, in a temporary git repository holding a copy of the
-project, on a tiny subset of the real MNIST files (the offline mirror)."""
+project, on a tiny subset of the real MNIST files (the offline mirror).
+
+Each test gets its own copy of a reproduced project (`repo`), or reads a shared one that
+no test changes (`branches`), so that any test runs alone and in any order."""
 
 import json
 import os
@@ -11,19 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT, write_params
+from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT, edit_params
 
-pytestmark = pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present")
-
-PROJECT_FILES = [
-    "stages",
-    "tools",
-    "dvc.yaml",
-    "params.yaml",
-    ".gitignore",
-    ".dvcignore",
-    ".ci/train-report",
+pytestmark = [
+    pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present"),
+    pytest.mark.slow,
 ]
+
+PROJECT_FILES = ["stages", "tools", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".ci"]
 TINY = {
     "prepare__train_size": 500,
     "train__epochs": 1,
@@ -45,51 +43,73 @@ def sh(repo, *cmd, check=True):
     return result.stdout + result.stderr
 
 
-def set_param(repo, **overrides):
-    write_params(repo / "params.yaml", source=repo / "params.yaml", **overrides)
-
-
 def ran_stages(output):
-    return [
-        s for s in ("fetch", "prepare", "train", "evaluate") if f"Running stage '{s}'" in output
-    ]
+    stages = [line.split("'")[1] for line in output.splitlines() if "Running stage '" in line]
+    return stages
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("project")
+def commit(repo, message):
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", message)
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory):
+    """A git + DVC project on tiny params, reproduced once and committed as `main`;
+    returns (path, the output of that first `dvc repro`)."""
+    repo = tmp_path_factory.mktemp("reproduced") / "project"
+    repo.mkdir()
     for name in PROJECT_FILES:
         source = ROOT / name
         if source.is_dir():
-            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+            ignore = shutil.ignore_patterns("__pycache__", "node_modules")
+            shutil.copytree(source, repo / name, ignore=ignore)
         else:
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, repo / name)
-    write_params(repo / "params.yaml", **TINY)
+    edit_params(repo / "params.yaml", **TINY)
     sh(repo, "git", "init", "-q", "-b", "main")
     sh(repo, "git", "config", "user.email", "test@example.com")
     sh(repo, "git", "config", "user.name", "Test")
     sh(repo, "dvc", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "project")
-    return repo
+    commit(repo, "project")
+    output = sh(repo, "dvc", "repro")
+    commit(repo, "baseline")
+    return repo, output
 
 
-def test_repro_runs_every_stage_once_then_nothing(repo):
-    first = sh(repo, "dvc", "repro")
-    assert ran_stages(first) == ["fetch", "prepare", "train", "evaluate"]
+@pytest.fixture
+def repo(reproduced, tmp_path):
+    """This test's own copy of the reproduced project (git history and DVC cache too)."""
+    copy = tmp_path / "project"
+    shutil.copytree(reproduced[0], copy, symlinks=True)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def branches(reproduced, tmp_path_factory):
+    """A copy with branch `more-epochs` (train.epochs 1 -> 2) reproduced and committed
+    on top of `main`. Tests only read it."""
+    copy = tmp_path_factory.mktemp("branches") / "project"
+    shutil.copytree(reproduced[0], copy, symlinks=True)
+    sh(copy, "git", "checkout", "-q", "-b", "more-epochs")
+    edit_params(copy / "params.yaml", train__epochs=2)
+    sh(copy, "dvc", "repro")
+    commit(copy, "two epochs")
+    return copy
+
+
+def test_repro_runs_every_stage_once_then_nothing(reproduced, repo):
+    first = reproduced[1]
+    assert ran_stages(first)[:4] == ["fetch", "prepare", "train", "evaluate"]
     assert "prepare: wrote data/prepared (train 400, val 100, test 10000)" in first
     again = sh(repo, "dvc", "repro")
     assert ran_stages(again) == []
     assert "Data and pipelines are up to date." in again
     assert "Data and pipelines are up to date." in sh(repo, "dvc", "status")
+    assert sh(repo, "git", "status", "--porcelain") == ""  # the model file hashes the same
     metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
     assert sum(c["support"] for c in metrics["per_class"].values()) == 10_000
     # Outputs DVC caches are ignored by git; the metrics and plots are committed.
-    status = sh(repo, "git", "status", "--porcelain")
-    assert "data/raw" not in status and "data/prepared" not in status
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "baseline")
     tracked = sh(repo, "git", "ls-files", "data").split()
     assert "data/evaluate/metrics.json" in tracked and "data/train/metrics.json" in tracked
     assert not [
@@ -97,23 +117,29 @@ def test_repro_runs_every_stage_once_then_nothing(repo):
     ]
 
 
-def test_changing_epochs_reruns_only_train_and_evaluate(repo):
-    sh(repo, "git", "checkout", "-q", "-b", "more-epochs")
-    set_param(repo, train__epochs=2)
-    status = sh(repo, "dvc", "status")
-    assert "train:" in status and "modified:           train.epochs" in status.replace("\t", " ")
+def test_a_forced_rerun_reproduces_the_lock_file_byte_for_byte(repo):
+    lock = (repo / "dvc.lock").read_bytes()
+    output = sh(repo, "dvc", "repro", "--force", "--single-item", "train")
+    assert ran_stages(output) == ["train"]
+    assert (repo / "dvc.lock").read_bytes() == lock  # same weights -> same model.keras hash
+    assert sh(repo, "git", "status", "--porcelain") == ""
+
+
+def test_changing_epochs_reruns_only_train_and_what_follows(repo):
+    edit_params(repo / "params.yaml", train__epochs=2)
+    status = " ".join(sh(repo, "dvc", "status").split())
+    assert "train: changed deps: params.yaml: modified: train.epochs" in status
     output = sh(repo, "dvc", "repro")
-    assert ran_stages(output) == ["train", "evaluate"]
+    assert "fetch" not in ran_stages(output) and "prepare" not in ran_stages(output)
+    assert ran_stages(output)[:2] == ["train", "evaluate"]
     assert "Stage 'prepare' didn't change, skipping" in output
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "two epochs")
 
 
-def test_changing_validation_split_reruns_prepare_train_evaluate(repo):
-    set_param(repo, prepare__validation_split=0.3)
+def test_changing_validation_split_reruns_prepare_and_what_follows(repo):
+    edit_params(repo / "params.yaml", prepare__validation_split=0.3)
     assert "prepare:" in sh(repo, "dvc", "status")
     output = sh(repo, "dvc", "repro")
-    assert ran_stages(output) == ["prepare", "train", "evaluate"]
+    assert ran_stages(output)[:3] == ["prepare", "train", "evaluate"]
     assert "prepare: wrote data/prepared (train 350, val 150, test 10000)" in output
     # Back to the committed state: git restores params and metrics, DVC the cached data.
     sh(repo, "git", "checkout", "--", ".")
@@ -121,80 +147,131 @@ def test_changing_validation_split_reruns_prepare_train_evaluate(repo):
     assert "Data and pipelines are up to date." in sh(repo, "dvc", "status")
 
 
-def test_metrics_and_params_diff_between_branches(repo):
-    params = json.loads(sh(repo, "dvc", "params", "diff", "main", "--json"))
+def test_a_rejected_param_fails_at_once_and_dvc_checkout_restores_the_model(repo):
+    model = (repo / "data/model/model.keras").read_bytes()
+    edit_params(repo / "params.yaml", train__epochs=0)
+    result = subprocess.run(
+        ["dvc", "repro"],
+        cwd=repo,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "Error: params.yaml: train.epochs must be an integer >= 1, got 0" in result.stderr
+    assert "oneDNN" not in result.stderr  # TensorFlow prints this line as it loads
+
+    assert not (repo / "data/model/model.keras").exists()  # DVC removed it before the run
+    sh(repo, "git", "checkout", "--", "params.yaml")
+    sh(repo, "dvc", "checkout")
+    assert (repo / "data/model/model.keras").read_bytes() == model
+
+
+def test_metrics_and_params_diff_between_branches(branches):
+    params = json.loads(sh(branches, "dvc", "params", "diff", "main", "--json"))
     assert params == {"params.yaml": {"train.epochs": {"old": 1, "new": 2, "diff": 1}}}
-    old = json.loads(sh(repo, "git", "show", "main:data/evaluate/metrics.json"))
-    new = json.loads((repo / "data/evaluate/metrics.json").read_text())
-    metrics = json.loads(sh(repo, "dvc", "metrics", "diff", "main", "--all", "--json"))
+    old = json.loads(sh(branches, "git", "show", "main:data/evaluate/metrics.json"))
+    new = json.loads((branches / "data/evaluate/metrics.json").read_text())
+    metrics = json.loads(sh(branches, "dvc", "metrics", "diff", "main", "--all", "--json"))
     accuracy = metrics["data/evaluate/metrics.json"]["accuracy"]
     assert (accuracy["old"], accuracy["new"]) == (old["accuracy"], new["accuracy"])
-    assert "data/evaluate/metrics.json" in sh(repo, "dvc", "metrics", "diff", "main", "--all")
+    steps = metrics["data/train/metrics.json"]["step"]
+    assert (steps["old"], steps["new"]) == (1, 2)  # epochs counted from 1, as curves.png does
 
 
-def test_plots_diff_draws_both_revisions(repo):
-    plots = json.loads(sh(repo, "dvc", "plots", "diff", "main", "--json", "--split"))["data"]
+def test_plots_diff_draws_both_revisions(branches):
+    plots = json.loads(sh(branches, "dvc", "plots", "diff", "main", "--json", "--split"))["data"]
     assert {"Loss", "Accuracy", "data/evaluate/confusion.csv"} <= set(plots)
     assert set(plots["Loss"][0]["revisions"]) == {"main", "workspace"}
-    images = sorted(k for k in plots if k.endswith(".png"))
+    images = sorted(k for k in plots if k.startswith("data/evaluate/plots/"))
     assert [k.rsplit("/", 1)[1] for k in images] == ["confusion.png", "curves.png", "errors.png"]
     for key in images:
         assert {r for image in plots[key] for r in image["revisions"]} == {"main", "workspace"}
 
 
-def test_report_gives_the_exact_accuracy_delta_and_the_changed_param(repo):
-    output = sh(repo, sys.executable, "-m", "tools.report", "--base", "main")
-    text = (repo / "report.md").read_text()
-    old = json.loads(sh(repo, "git", "show", "main:data/evaluate/metrics.json"))["accuracy"]
-    new = json.loads((repo / "data/evaluate/metrics.json").read_text())["accuracy"]
-    delta = f"{new - old:+.4f}"
-    assert f"| accuracy | {old:.4f} | {new:.4f} | {delta} |" in text
+def test_report_gives_the_exact_accuracy_delta_and_the_changed_param(branches, tmp_path):
+    out = tmp_path / "report.md"
+    output = sh(branches, sys.executable, "-m", "tools.report", "--base", "main", "--out", out)
+    text = out.read_text()
+    old = json.loads(sh(branches, "git", "show", "main:data/evaluate/metrics.json"))["accuracy"]
+    new = json.loads((branches / "data/evaluate/metrics.json").read_text())["accuracy"]
+    assert f"| accuracy | {old:.4f} | {new:.4f} | {new - old:+.4f} |" in text
     assert "| `train.epochs` | 1 | 2 |" in text
     assert "report: **Test accuracy" in output
     for png in ("curves.png", "confusion.png", "errors.png"):
-        assert f"(data/evaluate/plots/{png})" in text
-        assert (repo / "data/evaluate/plots" / png).read_bytes()[:4] == b"\x89PNG"
+        figure = branches / "data/evaluate/plots" / png
+        assert f"({os.path.relpath(figure, tmp_path)})" in text
+        assert figure.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_report_against_a_base_without_metrics_fails_clearly(repo):
+def test_report_against_a_base_without_metrics_fails_clearly(branches):
+    first = sh(branches, "git", "rev-list", "--max-parents=0", "HEAD").strip()
     result = subprocess.run(
-        [sys.executable, "-m", "tools.report", "--base", "HEAD~2"],
-        cwd=repo,
+        [sys.executable, "-m", "tools.report", "--base", first, "--out", os.devnull],
+        cwd=branches,
         capture_output=True,
         text=True,
         check=False,
     )
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        "Error: base revision 'HEAD~2' has no data/evaluate/metrics.json; "
+        f"Error: base revision '{first}' has no data/evaluate/metrics.json; "
         "reproduce and commit it there first"
     )
 
 
-def test_experiments_run_queue_and_show(repo):
-    sh(repo, "dvc", "exp", "run", "-n", "lr-half", "-S", "train.learning_rate=0.5")
-    sh(repo, "dvc", "exp", "run", "--queue", "-n", "seed-7", "-S", "train.seed=7")
-    sh(repo, "dvc", "exp", "run", "--run-all")
-    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json"))
-    experiments = {}
-    for rev in shown:
+def experiments(repo):
+    """{name: (train params, test accuracy)} from `dvc exp show --json`."""
+    found = {}
+    for rev in json.loads(sh(repo, "dvc", "exp", "show", "--json")):
         for exp in rev.get("experiments") or []:
-            run = exp["revs"][0]
-            data = run["data"]
-            experiments[run["name"]] = (
+            data = exp["revs"][0]["data"]
+            found[exp["revs"][0]["name"]] = (
                 data["params"]["params.yaml"]["data"]["train"],
                 data["metrics"]["data/evaluate/metrics.json"]["data"]["accuracy"],
             )
-    assert experiments["lr-half"][0]["learning_rate"] == 0.5
-    assert experiments["seed-7"][0]["seed"] == 7
-    assert all(0.0 <= accuracy <= 1.0 for _, accuracy in experiments.values())
+    return found
+
+
+def test_exp_run_changes_one_line_of_params_and_is_listed(repo):
+    sh(repo, "dvc", "exp", "run", "-n", "lr-half", "-S", "train.learning_rate=0.5")
+    diff = sh(repo, "git", "diff", "-U0", "params.yaml").splitlines()
+    changed = [line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert changed == [
+        next(line for line in changed if line.startswith("-  learning_rate: 1.0 ")),
+        next(line for line in changed if line.startswith("+  learning_rate: 0.5 ")),
+    ]
+    params, accuracy = experiments(repo)["lr-half"]
+    assert params["learning_rate"] == 0.5
+    assert accuracy == json.loads((repo / "data/evaluate/metrics.json").read_text())["accuracy"]
+
+
+def test_queued_experiments_run_with_their_own_overrides(repo):
+    sh(repo, "dvc", "exp", "run", "--queue", "-n", "seed-7", "-S", "train.seed=7")
+    sh(repo, "dvc", "exp", "run", "--queue", "-n", "seed-8", "-S", "train.seed=8")
+    sh(repo, "dvc", "exp", "run", "--run-all")
+    found = experiments(repo)
+    assert (found["seed-7"][0]["seed"], found["seed-8"][0]["seed"]) == (7, 8)
+    assert found["seed-7"][0]["epochs"] == 1  # the rest as committed
+    assert sh(repo, "git", "status", "--porcelain") == ""  # the workspace is untouched
 
 
 def test_ci_script_reproduces_with_overrides_and_writes_the_report(repo):
-    sh(repo, "git", "checkout", "-q", "--", ".")
     output = sh(repo, "bash", ".ci/train-report", "main", "train.learning_rate=0.8")
-    assert ran_stages(output) == ["train", "evaluate"]
+    assert ran_stages(output)[:2] == ["train", "evaluate"]
     text = (repo / "report.md").read_text()
     assert "| `train.learning_rate` | 1.0 | 0.8 |" in text
-    assert "| `train.epochs` | 1 | 2 |" in text
     assert "**Test accuracy" in text
+
+
+def test_ci_script_finds_a_bare_base_branch_on_origin(repo, tmp_path):
+    clone = tmp_path / "runner"
+    sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    sh(clone, "git", "checkout", "-q", "-b", "feature")
+    sh(clone, "git", "branch", "-D", "main")  # a runner's checkout: only origin/main
+    shutil.copytree(repo / ".dvc" / "cache", clone / ".dvc" / "cache")
+    sh(clone, "dvc", "checkout")
+    output = sh(clone, "bash", ".ci/train-report", "main", "train.learning_rate=0.8")
+    assert "(against `origin/main`)" in output
+    assert "| `train.learning_rate` | 1.0 | 0.8 |" in (clone / "report.md").read_text()

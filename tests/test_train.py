@@ -47,6 +47,7 @@ def test_reference_model_has_the_tutorials_parameter_count():
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", list(models.BUILDERS))
 def test_each_preset_learns_the_synthetic_digits(workdir, preset):
     make_prepared(workdir / "prepared", n_train=320)
@@ -107,6 +108,7 @@ def with_callback(monkeypatch, callback):
     monkeypatch.setattr(train, "make_callbacks", lambda *args: [*make(*args), callback])
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_from_the_last_finished_epoch(workdir, capsys, monkeypatch):
     make_prepared(workdir / "prepared")
     write_params(workdir / "params.yaml", train__epochs=3, train__batch_size=32)
@@ -127,6 +129,7 @@ def test_killed_training_resumes_from_the_last_finished_epoch(workdir, capsys, m
     assert not (workdir / "checkpoint").exists()  # nothing left to leak
 
 
+@pytest.mark.slow
 def test_checkpoint_of_a_run_with_other_params_is_discarded(workdir, capsys, monkeypatch):
     make_prepared(workdir / "prepared")
     write_params(workdir / "params.yaml", train__epochs=2, train__batch_size=32)
@@ -155,6 +158,7 @@ def weights_after_training(workdir, seed):
     return models.load_model(workdir / "model" / "model.keras").get_weights()
 
 
+@pytest.mark.slow
 def test_deterministic_runs_are_identical_and_seeds_matter(workdir):
     make_prepared(workdir / "prepared")
     first = weights_after_training(workdir, seed=1)
@@ -193,6 +197,7 @@ train.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_trains_on_two_logical_cpus(workdir):
     import subprocess
     import sys
@@ -233,6 +238,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(workdir):
     assert metrics["accuracy"] == float(np.mean(probs.argmax(axis=1) == labels))
 
 
+@pytest.mark.slow
 def test_train_stage_runs_on_the_jax_backend(workdir):
     pytest.importorskip("jax")
     make_prepared(workdir / "prepared")
