@@ -8,7 +8,7 @@ from stages.common import PipelineError
 
 
 def dvc_var(key, dvc_yaml="dvc.yaml"):
-    """The value of `key` in dvc.yaml's vars (a list of mappings), e.g. "export" -> "data/export"."""
+    """The value of `key` in dvc.yaml's vars (a list of mappings): "export" -> "data/export"."""
     path = Path(dvc_yaml)
     try:
         doc = yaml.safe_load(path.read_text())
