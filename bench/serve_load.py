@@ -1,0 +1,205 @@
+"""Load on the draw-a-digit server: concurrent clients posting test-set digits as PNGs.
+
+    python -m bench.serve_load [--model PATH] [--requests 1000] [--clients 8]
+                               [--out bench/results/serve_load.json]
+
+Starts `python -m tools.serve` on a free port of 127.0.0.1 (its model: --model, else the
+server's default), sends a short warm-up from one client, then REQUESTS posts of the first
+MNIST test images (PNG-encoded, 28x28, white on black) from CLIENTS concurrent clients.
+Prints and writes throughput, client-side latency percentiles, errors (any status but 200),
+accuracy against the labels, and the server's RSS (VmRSS of /proc/PID/status) at start,
+after the warm-up and after the load.
+"""
+
+import argparse
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from stages.common import PipelineError, run_cli, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+WARMUP = 20  # requests before the measured load: first calls allocate the runtime's buffers
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model=None, cwd=ROOT, timeout_s=120):
+    """Starts tools.serve on a free port and waits for /health; returns (process, base URL)."""
+    port = free_port()
+    command = [sys.executable, "-m", "tools.serve", "--port", str(port)]
+    if model is not None:
+        command += ["--model", str(model)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    # Output to a file, not a pipe: a pipe nobody reads would block a chatty server.
+    log = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            raise PipelineError(
+                f"the server exited with {process.returncode}: {log.read().strip()}"
+            )
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_server(process)
+    raise PipelineError(f"the server did not answer /health within {timeout_s} s")
+
+
+def stop_server(process):
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def rss_mib(pid):
+    """Resident memory of process `pid` in MiB, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024  # the line is "VmRSS:  123456 kB"
+    raise PipelineError(f"no VmRSS in /proc/{pid}/status")
+
+
+def encode_png(image):
+    """uint8 (28, 28) -> PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def load_test_digits(n):
+    """The first n MNIST test images as PNG bytes, and their labels."""
+    from bench.train_speed import mnist_dir
+    from stages import prepare
+
+    _, _, images, labels = prepare.load_raw(mnist_dir())
+    index = np.arange(n) % len(images)
+    return [encode_png(images[i]) for i in index], labels[index]
+
+
+def post_all(url, bodies, clients):
+    """Posts every body once, `clients` at a time; returns per request (seconds, status,
+    digit or None), in the order of `bodies`."""
+    results = [None] * len(bodies)
+    next_index = iter(range(len(bodies)))
+    lock = threading.Lock()
+
+    def client():
+        with httpx.Client(base_url=url, timeout=30) as http:
+            while True:
+                with lock:
+                    i = next(next_index, None)
+                if i is None:
+                    return
+                start = time.perf_counter()
+                try:
+                    response = http.post(
+                        "/predict", content=bodies[i], headers={"Content-Type": "image/png"}
+                    )
+                    status = response.status_code
+                    digit = response.json().get("digit") if status == 200 else None
+                except httpx.HTTPError:
+                    status, digit = None, None
+                results[i] = (time.perf_counter() - start, status, digit)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def summarise(results, labels, wall_s):
+    latencies_ms = 1000 * np.array([r[0] for r in results])
+    ok = [r[1] == 200 for r in results]
+    digits = np.array([r[2] if r[2] is not None else -1 for r in results])
+    return {
+        "requests": len(results),
+        "errors": len(results) - sum(ok),
+        "wall_s": round(wall_s, 2),
+        "throughput_rps": round(len(results) / wall_s, 1),
+        "latency_ms": {
+            f"p{q}": round(float(np.percentile(latencies_ms, q)), 1) for q in (50, 95, 99)
+        },
+        "accuracy": float(np.mean(digits == labels)),
+    }
+
+
+def run(model, requests, clients):
+    bodies, labels = load_test_digits(requests)
+    process, url = start_server(model)
+    try:
+        source = httpx.get(f"{url}/health").json()["model"]
+        rss = {"start": rss_mib(process.pid)}
+        post_all(url, bodies[:WARMUP], clients=1)
+        rss["after_warmup"] = rss_mib(process.pid)
+        start = time.perf_counter()
+        results = post_all(url, bodies, clients)
+        wall_s = time.perf_counter() - start
+        rss["after_load"] = rss_mib(process.pid)
+    finally:
+        stop_server(process)
+    summary = summarise(results, labels, wall_s)
+    summary.update(
+        clients=clients,
+        model=source,
+        server_rss_mib={k: round(v, 1) for k, v in rss.items()},
+        cpus=os.cpu_count(),
+    )
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model file for the server (default: the server's)")
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
+    args = parser.parse_args(argv)
+    s = run(args.model, args.requests, args.clients)
+    rss = s["server_rss_mib"]
+    print(
+        f"model: {s['model']}\n"
+        f"{s['requests']} requests from {s['clients']} clients in {s['wall_s']} s: "
+        f"{s['throughput_rps']} requests/s, errors {s['errors']}\n"
+        f"latency ms: p50 {s['latency_ms']['p50']}, p95 {s['latency_ms']['p95']}, "
+        f"p99 {s['latency_ms']['p99']}\n"
+        f"accuracy on the test digits: {s['accuracy']:.2%}\n"
+        f"server RSS MiB: start {rss['start']}, after warm-up {rss['after_warmup']}, "
+        f"after load {rss['after_load']}"
+    )
+    write_json(args.out, s)
+    if s["errors"]:
+        raise PipelineError(f"{s['errors']} of {s['requests']} requests failed")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,222 @@
+"""The draw-a-digit server: routes, errors, model info, refusal to start, and the load
+benchmark's smoke mode, with a tiny model trained here on synthetic data."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench import serve_load
+from stages import params
+from stages.dataset import load_prepared
+from stages.models import save_model
+from stages.train import train_model
+from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT, make_prepared, write_params
+from tools import preprocess, serve
+from tools.predict import load_predictor
+
+with warnings.catch_warnings():
+    # Starlette 1.10 suggests httpx2 for its TestClient; httpx is what the lock file has.
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+    from fastapi.testclient import TestClient
+
+
+def png(array):
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def drawn_one():
+    """A 1 as the page draws it: a white vertical stroke on a black 280x280 canvas."""
+    canvas = np.zeros((280, 280), np.uint8)
+    canvas[50:230, 130:150] = 255
+    return png(canvas)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """A compact model trained for one epoch on make_prepared's patches."""
+    root = tmp_path_factory.mktemp("model")
+    write_params(
+        root / "params.yaml",
+        train__model="compact",
+        train__epochs=1,
+        train__batch_size=32,
+        train__learning_rate=0.005,
+    )
+    data = load_prepared(make_prepared(root / "prepared"), splits=("train", "val"))
+    model = train_model(data, params.load("train", root / "params.yaml"), verbose=0)
+    save_model(model, root / "model.keras")
+    return root / "model.keras"
+
+
+@pytest.fixture(scope="module")
+def predictor(model_path):
+    return load_predictor(model_path)
+
+
+@pytest.fixture
+def client(predictor):
+    return TestClient(serve.create_app(predictor, revision="abc1234", accuracy=0.98765))
+
+
+def test_predict_returns_what_the_model_says_about_the_preprocessed_image(client, predictor):
+    response = client.post("/predict", content=drawn_one(), headers={"Content-Type": "image/png"})
+    assert response.status_code == 200
+    answer = response.json()
+    assert sorted(answer) == ["digit", "ms", "probabilities"]
+    x = preprocess.to_mnist(preprocess.read_image(drawn_one(), "upload"))
+    expected = np.asarray(predictor.predict(x[np.newaxis]))[0]
+    assert answer["probabilities"] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert answer["digit"] == int(expected.argmax())
+    assert sum(answer["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+    assert answer["ms"] > 0
+
+
+def test_not_an_image_is_400_with_the_reason(client):
+    response = client.post("/predict", content=b"hello, not a PNG")
+    assert response.status_code == 400
+    with pytest.raises(preprocess.BadImage) as reason:
+        preprocess.read_image(b"hello, not a PNG", "upload")
+    assert response.json() == {"error": str(reason.value)}
+
+
+def test_a_blank_canvas_is_422_no_digit_found(client):
+    response = client.post("/predict", content=png(np.zeros((280, 280))))
+    assert response.status_code == 422
+    assert response.json() == {"error": "no digit found"}
+
+
+def test_a_body_over_1_mib_is_413_whether_its_length_is_declared_or_streamed(client):
+    over = b"\0" * (serve.MAX_BODY + 1)
+    declared = client.post("/predict", content=over)
+    assert declared.status_code == 413
+    assert declared.json() == {"error": "image over the 1 MiB limit"}
+    # A generator body goes out chunked, with no Content-Length: caught while streaming.
+    streamed = client.post(
+        "/predict", content=(over[i : i + 65536] for i in range(0, len(over), 65536))
+    )
+    assert streamed.status_code == 413
+    # Exactly 1 MiB is allowed through to the image check.
+    assert client.post("/predict", content=over[:-1]).status_code == 400
+
+
+def test_health_names_the_model(client, predictor):
+    response = client.get("/health")
+    assert response.json() == {
+        "status": "ok",
+        "model": predictor.source,
+        "revision": "abc1234",
+        "test_accuracy": 0.98765,
+    }
+
+
+def test_page_names_the_model_and_loads_nothing_from_outside(client, predictor):
+    page = client.get("/")
+    assert page.status_code == 200
+    assert '<code id="revision">abc1234</code>' in page.text
+    assert '<span id="accuracy">98.77%</span>' in page.text
+    assert f'<code id="model">{predictor.source}</code>' in page.text
+    for name in ("app.js", "style.css"):
+        response = client.get(f"/static/{name}")
+        assert response.status_code == 200
+        assert "://" not in response.text  # no CDN: works offline
+    assert "://" not in page.text
+
+
+def test_page_without_metrics_says_unknown(predictor):
+    page = TestClient(serve.create_app(predictor)).get("/").text
+    assert '<code id="revision">unknown</code>' in page
+    assert '<span id="accuracy">unknown</span>' in page
+
+
+def test_test_accuracy_is_read_from_the_evaluate_dir_named_in_dvc_yaml(tmp_path):
+    dvc_yaml = tmp_path / "dvc.yaml"
+    dvc_yaml.write_text(f"vars:\n  - model: m.keras\n    evaluation: {tmp_path}/eval\n")
+    assert serve.read_test_accuracy(dvc_yaml) is None  # no metrics yet
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"accuracy": 0.9912}))
+    assert serve.read_test_accuracy(dvc_yaml) == 0.9912
+    assert serve.read_test_accuracy(tmp_path / "missing.yaml") is None
+
+
+def test_git_revision_is_the_short_head_or_unknown(tmp_path):
+    assert serve.git_revision(tmp_path) == "unknown"
+    git = ["git", "-c", "user.name=T", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=tmp_path, check=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    revision = serve.git_revision(tmp_path)
+    assert len(revision) >= 7 and head.startswith(revision)
+
+
+def run_serve(*args, cwd):
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(
+        [sys.executable, "-m", "tools.serve", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_server_refuses_to_start_without_a_model(tmp_path):
+    missing = tmp_path / "nowhere" / "model.keras"
+    result = run_serve("--model", missing, "--port", serve_load.free_port(), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == f"Error: {missing} not found; run `dvc repro` to train and export it\n"
+    assert result.stdout == ""
+    # The default model, in a project that has not been reproduced yet.
+    shutil.copy(ROOT / "dvc.yaml", tmp_path)
+    result = run_serve("--port", serve_load.free_port(), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: data/model/model.keras not found; run `dvc repro` to train and export it\n"
+    )
+
+
+@pytest.mark.slow
+def test_real_server_answers_over_http_and_refuses_a_streamed_upload(model_path):
+    process, url = serve_load.start_server(model_path)
+    try:
+        answer = httpx.post(f"{url}/predict", content=drawn_one()).json()
+        assert answer["digit"] in range(10) and len(answer["probabilities"]) == 10
+        chunks = (b"\0" * 65536 for _ in range(32))  # 2 MiB, chunked
+        response = httpx.post(f"{url}/predict", content=chunks)
+        assert response.status_code == 413
+        assert response.json() == {"error": "image over the 1 MiB limit"}
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    finally:
+        serve_load.stop_server(process)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present")
+def test_load_benchmark_smoke_mode_has_no_errors(model_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("MNIST_MIRROR", str(MNIST_MIRROR))
+    out = tmp_path / "load.json"
+    serve_load.main(
+        ["--model", str(model_path), "--requests", "40", "--clients", "4", "--out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    assert result["requests"] == 40 and result["clients"] == 4
+    assert result["errors"] == 0
+    assert result["throughput_rps"] == pytest.approx(40 / result["wall_s"], rel=0.01)
+    p = result["latency_ms"]
+    assert 0 < p["p50"] <= p["p95"] <= p["p99"]
+    assert result["server_rss_mib"]["start"] > 50  # the server's, not a parse of something else

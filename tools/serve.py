@@ -1,0 +1,161 @@
+"""Draw-a-digit web page and JSON API over the trained model.
+
+    python -m tools.serve [--host 127.0.0.1] [--port 8000] [--model PATH]
+
+GET  /         the page (tools/static/): draw on a canvas, see the ten probabilities live
+POST /predict  an image as the raw body (PNG, JPEG, ... as `predict` takes) -> JSON
+               {"digit": 7, "probabilities": [10 floats], "ms": 3.1}
+GET  /health   {"status": "ok", "model": ..., "revision": ..., "test_accuracy": ...}
+Errors are JSON {"error": "..."}: 400 not an image, 413 body over 1 MiB, 422 no digit
+found (a readable image with nothing drawn on it). The model is loaded before the server
+listens (ONNX from data/export when present, else the .keras file); without one the
+command stops with `Error: ... run dvc repro` and exit code 1.
+"""
+
+import argparse
+import html
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from stages.common import PipelineError, run_cli
+from tools import preprocess
+from tools.paths import dvc_var
+from tools.predict import load_predictor
+
+MAX_BODY = 1024 * 1024  # bytes; a 280x280 canvas PNG is 3-10 KiB
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+class TooLarge(Exception):
+    pass
+
+
+def git_revision(cwd="."):
+    """`git rev-parse --short HEAD`, or "unknown" outside a git checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError:  # no git installed
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def read_test_accuracy(dvc_yaml="dvc.yaml"):
+    """Test accuracy from the evaluate stage's metrics.json (its directory from dvc.yaml's
+    vars), or None when there is no dvc.yaml or no metrics yet."""
+    try:
+        metrics = Path(dvc_var("evaluation", dvc_yaml)) / "metrics.json"
+        return float(json.loads(metrics.read_text())["accuracy"])
+    except (PipelineError, OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def render_page(source, revision, accuracy):
+    """index.html with the served model named in its footer."""
+    page = (STATIC / "index.html").read_text()
+    shown = "unknown" if accuracy is None else f"{100 * accuracy:.2f}%"
+    for key, value in (("MODEL", source), ("REVISION", revision), ("ACCURACY", shown)):
+        page = page.replace("{{" + key + "}}", html.escape(value))
+    return page
+
+
+async def read_body(request, limit=MAX_BODY):
+    """The request body, refused as soon as it is known to exceed `limit` bytes: from
+    Content-Length before reading, else while streaming (chunked uploads have none)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise TooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def error(status, message):
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_app(predictor, revision="unknown", accuracy=None):
+    """The FastAPI app serving `predictor` (an object with .predict and .source)."""
+    app = FastAPI(title="Draw a digit", docs_url=None, redoc_url=None, openapi_url=None)
+    page = render_page(predictor.source, revision, accuracy)
+    # One inference at a time: a Keras model is not documented as thread-safe, and on a
+    # small CPU parallel runs of a batch of one gain nothing; decoding runs in parallel.
+    lock = threading.Lock()
+
+    def classify(data):
+        start = time.perf_counter()
+        x = preprocess.to_mnist(preprocess.read_image(data, "upload"))
+        with lock:
+            probs = np.asarray(predictor.predict(x[np.newaxis]))[0]
+        ms = 1000 * (time.perf_counter() - start)
+        return {
+            "digit": int(probs.argmax()),
+            "probabilities": [round(float(p), 6) for p in probs],
+            "ms": round(ms, 2),
+        }
+
+    @app.get("/", response_class=HTMLResponse)
+    def index():
+        return page
+
+    @app.get("/health")
+    def health():
+        return {
+            "status": "ok",
+            "model": predictor.source,
+            "revision": revision,
+            "test_accuracy": accuracy,
+        }
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        try:
+            data = await read_body(request)
+        except TooLarge:
+            return error(413, f"image over the {MAX_BODY // 1024 // 1024} MiB limit")
+        try:
+            return await run_in_threadpool(classify, data)
+        except preprocess.NoDigit:
+            # 422: a valid image whose content cannot be classified (nothing drawn yet).
+            return error(422, "no digit found")
+        except preprocess.BadImage as e:
+            return error(400, str(e))
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--model", help="model file (default: data/export's ONNX, else .keras)")
+    args = parser.parse_args(argv)
+    predictor = load_predictor(args.model)  # before listening: no model, no server
+    app = create_app(predictor, git_revision(), read_test_accuracy())
+    print(f"serve: {predictor.source} on http://{args.host}:{args.port}", flush=True)
+    import uvicorn
+
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")
+
+
+if __name__ == "__main__":
+    run_cli(main)
