@@ -1,0 +1,148 @@
+"""The draw-a-digit page in a real browser: Debian's headless Chromium, driven by
+Playwright, draws a 1 and a 7 with mouse strokes on the served page and reads the answer.
+
+A model trained on synthetic patches cannot read drawn digits, so this trains a small
+real one first: the reference CNN, 2 epochs on 5,400 MNIST training images (95% test
+accuracy, about 30 s on 2 cores). Set DRAW_A_DIGIT_SCREENSHOT=docs/draw-a-digit.png to keep the last
+screenshot (the README's).
+"""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import serve_load
+from stages import params, prepare
+from stages.common import write_json
+from stages.models import save_model
+from stages.train import train_model
+from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT, write_params
+from tools.paths import dvc_var
+
+# Debian's package (Playwright's own browser download needs the internet); CI may name
+# another Chromium-based browser in $CHROMIUM.
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+IN_CI = bool(os.environ.get("REQUIRE_MNIST_MIRROR"))
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists() and not IN_CI,
+        reason=f"no {CHROMIUM}: `apt-get install chromium` (.ci/run does), or set $CHROMIUM",
+    ),
+]
+TRAIN_IMAGES = 6000
+# Strokes in canvas pixels (the canvas is 280x280), each a polyline drawn with the button down.
+STROKES = {
+    "1": [[(150, 45), (138, 235)]],
+    "7": [[(75, 62), (205, 58), (125, 238)]],
+}
+
+
+def git(cwd, *args):
+    command = ["git", "-c", "user.name=Test", "-c", "user.email=test@example.com", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project directory as `dvc repro` leaves it: dvc.yaml, the model at its default
+    path, and the evaluate stage's metrics.json, committed to git."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(ROOT / "dvc.yaml", root)
+    # The reference CNN: 95% after 2 epochs here; compact's BatchNorm statistics need
+    # more steps than that (48% with the same budget).
+    write_params(root / "params.yaml", train__model="reference", train__epochs=2)
+    data = prepare.prepare(*prepare.load_raw(MNIST_MIRROR), TRAIN_IMAGES, 0.1)
+    model = train_model(data, params.load("train", root / "params.yaml"), verbose=0)
+    save_model(model, root / dvc_var("model", root / "dvc.yaml"))
+    probs = model.predict(data["x_test"], batch_size=1000, verbose=0)
+    accuracy = float(np.mean(probs.argmax(axis=1) == data["y_test"]))
+    write_json(
+        root / dvc_var("evaluation", root / "dvc.yaml") / "metrics.json", {"accuracy": accuracy}
+    )
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project")
+    return root, git(root, "rev-parse", "--short", "HEAD").strip(), accuracy
+
+
+@pytest.fixture(scope="module")
+def server(project):
+    process, url = serve_load.start_server(cwd=project[0])  # the default model
+    yield url
+    serve_load.stop_server(process)
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield browser.new_page(viewport={"width": 820, "height": 500})
+        browser.close()
+
+
+def draw(page, strokes):
+    box = page.locator("#canvas").bounding_box()
+    for stroke in strokes:
+        (x, y), rest = stroke[0], stroke[1:]
+        page.mouse.move(box["x"] + x, box["y"] + y)
+        page.mouse.down()
+        for x, y in rest:
+            page.mouse.move(box["x"] + x, box["y"] + y, steps=20)
+        page.mouse.up()
+
+
+def shows(page, digit):
+    """Waits for the page to show `digit`, big and as the highest bar."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#digit")).to_have_text(digit, timeout=20_000)
+    page.wait_for_timeout(500)  # let the last throttled request come back
+    expect(page.locator("#digit")).to_have_text(digit)
+    expect(page.locator(".col.top .label")).to_have_text(digit)
+
+
+def test_the_page_reads_a_drawn_1_and_7(server, project, page, tmp_path):
+    _, revision, accuracy = project
+    requested = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(server)
+    assert page.locator("#revision").inner_text() == revision
+    assert page.locator("#accuracy").inner_text() == f"{100 * accuracy:.2f}%"
+    assert page.locator("#model").inner_text() == "keras data/model/model.keras"
+
+    draw(page, STROKES["1"])
+    shows(page, "1")
+    page.screenshot(path=tmp_path / "one.png")
+
+    page.click("#clear")
+    page.wait_for_timeout(300)
+    assert page.locator("#digit").inner_text() == "–"
+    assert page.locator(".col.top").count() == 0
+
+    draw(page, STROKES["7"])
+    shows(page, "7")
+    page.screenshot(path=tmp_path / "seven.png")
+    assert (tmp_path / "seven.png").stat().st_size > 10_000
+
+    # Works offline: everything the page loaded came from the server itself.
+    assert requested and all(url.startswith(server) for url in requested)
+    keep = os.environ.get("DRAW_A_DIGIT_SCREENSHOT")
+    if keep:
+        shutil.copy(tmp_path / "seven.png", ROOT / keep)
+
+
+def test_a_blank_canvas_shows_the_servers_message(server, page):
+    from playwright.sync_api import expect
+
+    page.goto(server)
+    page.evaluate("send()")  # what a stroke triggers, here on the untouched black canvas
+    expect(page.locator("#status")).to_have_text("no digit found")
+    assert page.locator("#digit").inner_text() == "–"
