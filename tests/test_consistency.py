@@ -32,8 +32,8 @@ def stage_modules(module):
     return seen
 
 
-def test_the_pipeline_has_the_four_stages_in_order():
-    assert list(STAGES) == ["fetch", "prepare", "train", "evaluate"]
+def test_the_pipeline_has_the_five_stages_in_order():
+    assert list(STAGES) == ["fetch", "prepare", "train", "evaluate", "export"]
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

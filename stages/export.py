@@ -1,0 +1,203 @@
+"""Export stage: the trained model as ONNX and as a TensorFlow SavedModel, both computing in
+float32, checked against the Keras model on the test images before anything is written.
+
+Reads   params.yaml `export`, MODEL (.keras, maybe trained in mixed precision),
+        DATA/{x,y}_test.npy.
+Writes  OUT/model.onnx      for onnxruntime (what `python -m tools.predict` and the server use)
+        OUT/saved_model/    for TF Serving: signature `serve`, float32 (N, 28, 28, 1) -> (N, 10)
+        OUT/metrics.json    parity with Keras, accuracy of each format, file sizes, ms per image
+A failed parity check stops the stage with one line and writes none of these.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+from stages import params
+from stages.common import PipelineError, atomic_dir, atomic_file, run_cli, write_json
+
+if __name__ == "__main__":
+    # A bad param fails in about a second, before TensorFlow's start-up below.
+    run_cli(lambda _: params.load("export"))
+
+import keras
+import numpy as np
+import onnxruntime as ort
+
+from stages import models
+from stages.dataset import load_prepared
+
+ONNX_FILE = "model.onnx"  # tools/predict.py looks for this name in OUT
+SAVED_MODEL = "saved_model"
+METRICS = "metrics.json"
+
+
+def float32_copy(model):
+    """The same network and weights with every layer computing in float32.
+
+    A model trained in mixed precision keeps its policy (mixed_bfloat16 or mixed_float16)
+    in the .keras file; its weights are float32 already, so only the compute dtype changes.
+    Augmentation layers (keras.layers.Random*) do nothing at inference but would export
+    random ops that ONNX lacks, so they become Identity.
+    """
+
+    def clone(layer):
+        if type(layer).__name__.startswith("Random"):
+            return keras.layers.Identity(name=layer.name)
+        return type(layer).from_config({**layer.get_config(), "dtype": "float32"})
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for source, target in zip(model.layers, copy.layers, strict=True):
+        if target.weights:
+            target.set_weights(source.get_weights())
+    copy(np.zeros((1, *model.input_shape[1:]), np.float32))  # builds it: export needs a call
+    return copy
+
+
+def onnx_session(path):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_runner(session):
+    """float32 (N, 28, 28, 1) -> probabilities (N, 10), through onnxruntime."""
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
+def compare(reference, probs):
+    """Parity of `probs` against `reference` (both (N, 10)): how many predicted classes
+    agree, and the largest absolute difference of any probability."""
+    same = reference.argmax(axis=1) == probs.argmax(axis=1)
+    return {
+        "images": len(same),
+        "agreement": float(same.mean()),
+        "differing_classes": int((~same).sum()),
+        "max_abs_diff": float(np.abs(reference.astype(np.float64) - probs).max()),
+    }
+
+
+def check_parity(name, parity, tolerance):
+    """Raises when an exported format predicts another class for any image, or any of its
+    probabilities is further than `tolerance` from Keras'."""
+    if parity["differing_classes"] or parity["max_abs_diff"] > tolerance:
+        raise PipelineError(
+            f"{name} does not match the Keras model: {parity['differing_classes']} of "
+            f"{parity['images']} test images get another class, max |Δp| "
+            f"{parity['max_abs_diff']:.1e} (export.tolerance: {tolerance:.0e})"
+        )
+
+
+def compute_dtype(model):
+    """The dtype policy of the model's first layer with weights, e.g. mixed_bfloat16."""
+    return next(layer.dtype_policy.name for layer in model.layers if layer.weights)
+
+
+def size_bytes(path):
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def accuracy(probs, labels):
+    return float(np.mean(probs.argmax(axis=1) == labels))
+
+
+def measure(runners, x, batch_size, latency_images):
+    """Runs each runner on all of x in batches; returns its probabilities, and ms per image
+    at batch 1 (median over `latency_images` single images) and at batch_size (median
+    over the batches)."""
+    probs, timing = {}, {}
+    for name, run in runners.items():
+        run(x[:1])  # untimed: graph set-up, caches
+        seconds, outputs = [], []
+        for i in range(0, len(x), batch_size):
+            start = time.perf_counter()
+            outputs.append(np.asarray(run(x[i : i + batch_size])))
+            seconds.append((time.perf_counter() - start) / len(outputs[-1]))
+        probs[name] = np.concatenate(outputs)
+        single = []
+        for i in range(min(latency_images, len(x))):
+            start = time.perf_counter()
+            run(x[i : i + 1])
+            single.append(time.perf_counter() - start)
+        timing[name] = {
+            "batch_1": 1000 * float(np.median(single)),
+            f"batch_{batch_size}": 1000 * float(np.median(seconds)),
+        }
+    return probs, timing
+
+
+def export(trained, saved_model, onnx_file, x, labels, p):
+    """Writes the float32 copy of `trained` as a SavedModel and an ONNX file, runs all
+    formats on (x, labels) and checks parity; returns the metrics dict."""
+    import tensorflow as tf
+
+    model = float32_copy(trained)
+    model.export(str(onnx_file), format="onnx", verbose=False)
+    model.export(str(saved_model), format="tf_saved_model", verbose=False)
+    loaded = tf.saved_model.load(str(saved_model))  # its variables live as long as this
+    runners = {
+        "keras": trained.predict_on_batch,  # as trained, in its own precision
+        "keras_float32": model.predict_on_batch,
+        "onnx": onnx_runner(onnx_session(onnx_file)),
+        "saved_model": lambda batch: loaded.serve(batch).numpy(),
+    }
+    probs, timing = measure(runners, x, p.batch_size, p.latency_images)
+    parity = {
+        # The conversion itself: same weights, same float32 arithmetic.
+        "onnx": compare(probs["keras_float32"], probs["onnx"]),
+        "saved_model": compare(probs["keras_float32"], probs["saved_model"]),
+        # What serving in float32 changes from the model as trained (mixed precision).
+        "onnx_vs_trained": compare(probs["keras"], probs["onnx"]),
+    }
+    check_parity("the ONNX export", parity["onnx"], p.tolerance)
+    check_parity("the SavedModel export", parity["saved_model"], p.tolerance)
+    trained_parity = parity["onnx_vs_trained"]
+    if trained_parity["max_abs_diff"] > p.precision_tolerance:
+        raise PipelineError(
+            f"the float32 ONNX export is further from the model as trained than precision "
+            f"explains: max |Δp| {trained_parity['max_abs_diff']:.1e} "
+            f"(export.precision_tolerance: {p.precision_tolerance})"
+        )
+    del timing["keras_float32"]  # a check, not a runtime anyone serves
+    return {
+        "precision": compute_dtype(trained),
+        "parity": parity,
+        "accuracy": {name: accuracy(prob, labels) for name, prob in probs.items()},
+        "ms_per_image": timing,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="trained .keras file")
+    parser.add_argument("--data", required=True, help="directory of prepared .npy arrays")
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    p = params.load("export")
+    trained = models.load_model(args.model)
+    test = load_prepared(args.data, splits=("test",))
+    out = Path(args.out)
+    # All or nothing: both exports get their final names only after every check passed.
+    with atomic_dir(out / SAVED_MODEL) as saved_model, atomic_file(out / ONNX_FILE) as onnx:
+        metrics = export(trained, saved_model, onnx, test["x_test"], test["y_test"], p)
+        metrics["size_bytes"] = {
+            "keras": size_bytes(args.model),
+            "onnx": size_bytes(onnx),
+            "saved_model": size_bytes(saved_model),
+        }
+    write_json(out / METRICS, metrics)
+    onnx = metrics["parity"]["onnx"]
+    print(
+        f"export: {out / ONNX_FILE} and {out / SAVED_MODEL}: {onnx['agreement']:.2%} of "
+        f"{onnx['images']} test classes agree, max |Δp| {onnx['max_abs_diff']:.1e} "
+        f"(float32 Keras), {metrics['parity']['onnx_vs_trained']['max_abs_diff']:.1e} "
+        f"(as trained, {metrics['precision']}); test accuracy {metrics['accuracy']['onnx']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,167 @@
+"""Predict: which digit is in each image, from anyone's PNG, JPEG, BMP, GIF or WebP files.
+
+    python -m tools.predict IMAGE... [--json] [--model PATH]      (`-` reads standard input)
+
+Each image is prepared as MNIST was (tools/preprocess.py), then classified by the exported
+ONNX model through onnxruntime when the export stage has written it (no TensorFlow import:
+fast start), else by the trained .keras model. Prints per file the digit, its probability
+and the runner-up; a bad file gets one `Error: FILE: reason` line on stderr and the others
+are still predicted; the exit code is 1 if any file failed.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from stages.common import PipelineError, run_cli
+from tools import preprocess
+from tools.paths import dvc_var
+
+ONNX_FILE = "model.onnx"  # in the export stage's directory, as stages/export.py writes it
+REBUILD = "run `dvc repro` to train and export it"
+
+
+class OnnxPredictor:
+    """The exported float32 graph, run by onnxruntime."""
+
+    def __init__(self, path):
+        import onnxruntime as ort
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except (
+            ort_errors.Fail,
+            ort_errors.InvalidProtobuf,
+            ort_errors.InvalidGraph,
+            ort_errors.InvalidArgument,
+            ort_errors.NoSuchFile,
+            ort_errors.RuntimeException,
+        ):
+            raise PipelineError(f"{path} is not a valid ONNX model; {REBUILD}") from None
+        self.input = self.session.get_inputs()[0].name
+        self.source = f"onnx {path}"
+
+    def predict(self, x):
+        """float32 (N, 28, 28, 1) -> float32 probabilities (N, 10)."""
+        return self.session.run(None, {self.input: np.asarray(x, dtype=np.float32)})[0]
+
+
+class KerasPredictor:
+    """The trained model, in the precision it was trained in."""
+
+    def __init__(self, path):
+        from stages import models  # imports Keras and its backend: only when needed
+
+        self.model = models.load_model(path)
+        self.source = f"keras {path}"
+
+    def predict(self, x):
+        """float32 (N, 28, 28, 1) -> float32 probabilities (N, 10)."""
+        return np.asarray(self.model.predict_on_batch(np.asarray(x, np.float32)), np.float32)
+
+
+def default_model():
+    """The export stage's ONNX file when present, else the train stage's .keras file."""
+    onnx = Path(dvc_var("exported")) / ONNX_FILE
+    return onnx if onnx.exists() else Path(dvc_var("model"))
+
+
+def load_predictor(path=None):
+    """A predictor for the model at `path` (.onnx or .keras; default: default_model())."""
+    path = Path(path) if path is not None else default_model()
+    if not path.is_file():
+        raise PipelineError(f"{path} not found; {REBUILD}")
+    if path.suffix == ".onnx":
+        return OnnxPredictor(path)
+    if path.suffix == ".keras":
+        return KerasPredictor(path)
+    raise PipelineError(f"{path}: the model must be a .onnx or .keras file")
+
+
+def read_input(name, stdin=None):
+    """The bytes of file `name`, or of standard input for `-`."""
+    if name == "-":
+        return (stdin or sys.stdin.buffer).read()
+    try:
+        return Path(name).read_bytes()
+    except FileNotFoundError:
+        raise preprocess.BadImage(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise preprocess.BadImage(f"{name}: is a directory") from None
+    except OSError as e:
+        raise preprocess.BadImage(f"{name}: cannot read ({e.strerror})") from None
+
+
+def label(name):
+    """How a file is named in the output."""
+    return "<stdin>" if name == "-" else name
+
+
+def prepare(name, stdin=None):
+    """File name -> float32 (28, 28, 1); raises BadImage or NoDigit naming the file."""
+    image = preprocess.read_image(read_input(name, stdin), label(name))
+    try:
+        return preprocess.to_mnist(image)
+    except preprocess.NoDigit as e:
+        raise preprocess.NoDigit(f"{label(name)}: {e}") from None
+
+
+def classify(predictor, names, stdin=None):
+    """One result per name, in order: {"file", "digit", "probability", "runner_up",
+    "probabilities"} or {"file", "error"}. All good images go through one batch."""
+    results, images = [], []
+    for name in names:
+        try:
+            images.append(prepare(name, stdin))
+            results.append({"file": label(name)})
+        except (preprocess.BadImage, preprocess.NoDigit) as e:
+            results.append({"file": label(name), "error": str(e)})
+    good = [r for r in results if "error" not in r]
+    if good:
+        for result, p in zip(good, predictor.predict(np.stack(images)), strict=True):
+            first, second = np.argsort(-p, kind="stable")[:2]
+            result.update(
+                digit=int(first),
+                probability=float(p[first]),
+                runner_up={"digit": int(second), "probability": float(p[second])},
+                probabilities=[round(float(v), 6) for v in p],
+            )
+    return results
+
+
+def format_line(result):
+    return (
+        f"{result['file']}: {result['digit']} (p={result['probability']:.3f}), "
+        f"runner-up {result['runner_up']['digit']} (p={result['runner_up']['probability']:.3f})"
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files; - for stdin")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--model", help="a .onnx or .keras file (default: the exported ONNX)")
+    args = parser.parse_args(argv)
+    predictor = load_predictor(args.model)
+    results = classify(predictor, args.images)
+    if args.json:
+        print(json.dumps({"model": predictor.source, "results": results}, indent=2))
+    for result in results:
+        if "error" in result:
+            print(f"Error: {result['error']}", file=sys.stderr)
+        elif not args.json:
+            print(format_line(result))
+    if any("error" in r for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)
