@@ -67,6 +67,48 @@ def test_gpu_workflow_is_thin_limited_and_triggerable_by_hand():
     assert job["runs-on"] == ["self-hosted", "linux", "gpu"]
     assert doc["concurrency"]["group"].startswith("train-gpu-")
     assert set(doc["on"]["workflow_dispatch"]["inputs"]) == {"overrides", "base"}
-    scripts = [w for s in job["steps"] for w in s.get("run", "").split() if w.startswith(".ci/")]
-    assert scripts == [".ci/setup-gpu", ".ci/train-report"]
-    assert all((ROOT / s).is_file() and os.access(ROOT / s, os.X_OK) for s in scripts)
+    assert scripts(job) == [
+        ".ci/setup-gpu",
+        ".ci/use-remote",
+        ".ci/train-report",
+        ".ci/push-results",
+    ]
+
+
+def scripts(job):
+    """The .ci/ scripts a job's steps run, in order; each must exist and be executable."""
+    found = [w for s in job["steps"] for w in s.get("run", "").split() if w.startswith(".ci/")]
+    assert all((ROOT / s).is_file() and os.access(ROOT / s, os.X_OK) for s in found)
+    return found
+
+
+REMOTE_ENV = {"DVC_REMOTE_URL", "DVC_REMOTE_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+# Each passed as the repository secret of the same name (empty when not configured).
+FROM_SECRETS = {k: f"${{{{ secrets.{k} }}}}" for k in REMOTE_ENV}
+
+
+def test_gpu_workflow_uses_the_remote_from_secrets_and_pushes_only_on_main():
+    doc = load("train-gpu.yml")
+    job = doc["jobs"]["train"]
+    assert {k: job["env"][k] for k in REMOTE_ENV} == FROM_SECRETS
+    assert doc["on"]["push"]["branches"] == ["main"]
+    push = next(s for s in job["steps"] if ".ci/push-results" in s.get("run", ""))
+    assert push["if"] == "github.ref == 'refs/heads/main' && github.event_name != 'pull_request'"
+
+
+def test_sweep_workflow_runs_one_gpu_job_per_param_set_then_one_summary():
+    doc = load("sweep.yml")
+    assert set(doc["on"]) == {"workflow_dispatch"}
+    assert json.loads(doc["on"]["workflow_dispatch"]["inputs"]["param_sets"]["default"]) == [
+        "train.seed=1",
+        "train.seed=2",
+        "train.seed=3",
+    ]
+    assert {k: doc["env"][k] for k in REMOTE_ENV} == FROM_SECRETS
+    run, summary = doc["jobs"]["run"], doc["jobs"]["summary"]
+    assert run["runs-on"] == ["self-hosted", "linux", "gpu"]
+    assert run["strategy"]["matrix"]["params"] == "${{ fromJSON(inputs.param_sets) }}"
+    assert scripts(run) == [".ci/setup-gpu", ".ci/use-remote", ".ci/sweep-run"]
+    assert summary["needs"] == "run"
+    assert scripts(summary) == [".ci/sweep-summary"]  # params and metrics only: no data
+    assert '>> "$GITHUB_STEP_SUMMARY"' in summary["steps"][-1]["run"]

