@@ -1,11 +1,15 @@
 """The model presets that `train.model` selects (an architecture and its optimizer), and
 the .keras file they are saved in.
 
-- reference: the Keras MNIST tutorial CNN, unchanged (2,435,210 parameters, Adadelta).
+- reference: the CNN of the R interface to Keras' MNIST example, unchanged (Conv 64 ->
+             Conv 128 -> Dense 128, 2,435,210 parameters, Adadelta).
 - compact:   two batch-normalised conv blocks (32, 64 filters) and Dense 128, Adam on a
              cosine schedule; built for >= 99.4% test accuracy in a few minutes of CPU.
 - best:      compact plus a third conv block, dropout and light data augmentation (shifts,
              rotations, zooms); Adam on a cosine schedule; built for >= 99.6%.
+- fast:      Conv 24 5x5 -> Conv 32 3x3 -> one BatchNorm -> Dense 256 (215,322 parameters),
+             Adam (betas 0.7, 0.9) on a one-cycle schedule; built for >= 99.0% after one
+             epoch on all 60,000 images, in seconds on a 2-core CPU.
 
 Every model ends in a float32 softmax, so mixed precision never computes the output
 probabilities in 16 bits.
@@ -25,7 +29,8 @@ INPUT_SHAPE = (28, 28, 1)
 
 
 def reference():
-    # keras-io examples/vision/mnist_convnet.py as of the Keras 2 tutorial (Conv 64 -> Conv 128).
+    # The CNN of the R interface to Keras' MNIST example (Conv 64 -> Conv 128 -> Dense 128);
+    # not keras-io's current mnist_convnet.py (Conv 32 -> Conv 64).
     return keras.Sequential(
         [
             keras.Input(shape=INPUT_SHAPE),
@@ -95,7 +100,29 @@ def best():
     )
 
 
-BUILDERS = {"reference": reference, "compact": compact, "best": best}
+def fast():
+    # After tuomaso/train_mnist_fast (99% in one epoch on a GPU): few channels, no padding.
+    return keras.Sequential(
+        [
+            keras.Input(shape=INPUT_SHAPE),
+            layers.Conv2D(24, 5, activation="relu"),  # (24, 24, 24)
+            layers.MaxPooling2D(),  # (12, 12, 24)
+            layers.Conv2D(32, 3, activation="relu"),  # (10, 10, 32)
+            layers.MaxPooling2D(),  # (5, 5, 32)
+            # One BatchNorm, not one per block: in bfloat16 on a CPU a BatchNorm after the
+            # first block cost ~40% of the step for ~0.1 pp. Momentum 0.9, because the
+            # default 0.99 has not settled after one epoch's ~120 steps.
+            layers.BatchNormalization(momentum=0.9),
+            layers.Flatten(),
+            layers.Dense(256, activation="relu"),
+            layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
+        ],
+        name="fast",
+    )
+
+
+BUILDERS = {"reference": reference, "compact": compact, "best": best, "fast": fast}
+FAST_WARMUP = 0.2  # fraction of the steps spent ramping up to the peak rate
 
 
 def build(name):
@@ -108,6 +135,18 @@ def optimizer(name, learning_rate, total_steps):
     if name == "reference":
         # The tutorial's Keras 2 Adadelta default was lr=1.0; Keras 3's 0.001 barely learns.
         return keras.optimizers.Adadelta(learning_rate=learning_rate)
+    if name == "fast":
+        # One cycle: linear warm-up from 0 to the peak, then cosine down to 0. Short
+        # moment memories (betas 0.7, 0.9) suit a run of ~120 steps; Adam's defaults
+        # (0.9, 0.999) lost 0.2 pp here.
+        warmup = int(FAST_WARMUP * total_steps)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            0.0,
+            decay_steps=total_steps - warmup,
+            warmup_target=learning_rate,
+            warmup_steps=warmup,
+        )
+        return keras.optimizers.Adam(learning_rate=schedule, beta_1=0.7, beta_2=0.9)
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=total_steps)
     return keras.optimizers.Adam(learning_rate=schedule)
 
