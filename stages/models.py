@@ -151,9 +151,36 @@ def optimizer(name, learning_rate, total_steps):
     return keras.optimizers.Adam(learning_rate=schedule)
 
 
-# Keras stamps the save time into metadata.json and into the zip entry of the weights;
-# both are fixed here so that the same weights always give the same file (and DVC hash).
+# What Keras writes that is not the model: the save time (in metadata.json and the zip
+# entries' dates) and Python's id() of objects that layers share (config.json's
+# shared_object_id). All three are fixed here, so that the same model always gives the
+# same file, and DVC the same hash.
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def renumber_shared_objects(config, ids=None):
+    """Replaces each shared_object_id (a memory address) by 1, 2, ... in order of first
+    appearance; the same object keeps one number, so loading shares it as before."""
+    ids = {} if ids is None else ids
+    if isinstance(config, dict):
+        if "shared_object_id" in config:
+            config["shared_object_id"] = ids.setdefault(config["shared_object_id"], len(ids) + 1)
+        for value in config.values():
+            renumber_shared_objects(value, ids)
+    elif isinstance(config, list):
+        for value in config:
+            renumber_shared_objects(value, ids)
+    return config
+
+
+def reproducible(name, data):
+    if name == "metadata.json":
+        metadata = json.loads(data)
+        metadata.pop("date_saved", None)
+        return json.dumps(metadata).encode()
+    if name == "config.json":
+        return json.dumps(renumber_shared_objects(json.loads(data))).encode()
+    return data
 
 
 def save_model(model, path):
@@ -164,13 +191,9 @@ def save_model(model, path):
             entries = [(info, archive.read(info)) for info in archive.infolist()]
         with zipfile.ZipFile(tmp, "w") as archive:
             for info, data in entries:
-                if info.filename == "metadata.json":
-                    metadata = json.loads(data)
-                    metadata.pop("date_saved", None)
-                    data = json.dumps(metadata).encode()  # noqa: PLW2901
                 fixed = zipfile.ZipInfo(info.filename, date_time=ZIP_EPOCH)
                 fixed.compress_type = info.compress_type
-                archive.writestr(fixed, data)
+                archive.writestr(fixed, reproducible(info.filename, data))
 
 
 def load_model(path):

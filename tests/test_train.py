@@ -256,3 +256,12 @@ def test_jit_compile_auto_keeps_xla_off_on_a_tensorflow_cpu(workdir):
     p = train.params.load("train")
     assert p.jit_compile == "auto"
     assert train.compile_model(p, steps_per_epoch=1).jit_compile is False
+
+
+def test_shared_object_ids_are_renumbered_in_order_of_appearance():
+    config = {"a": {"shared_object_id": 140}, "b": [{"shared_object_id": 7}, {"x": 140}]}
+    config["b"].append({"shared_object_id": 140})
+    assert models.renumber_shared_objects(config) == {
+        "a": {"shared_object_id": 1},
+        "b": [{"shared_object_id": 2}, {"x": 140}, {"shared_object_id": 1}],
+    }
