@@ -133,7 +133,8 @@ def build(name):
 def optimizer(name, learning_rate, total_steps):
     """The preset's optimizer; learning_rate is its peak rate (params.yaml train.learning_rate)."""
     if name == "reference":
-        # The tutorial's Keras 2 Adadelta default was lr=1.0; Keras 3's 0.001 barely learns.
+        # The reference recipe's Adadelta at Keras 2's default rate 1.0 (Keras 3's 0.001
+        # barely learns).
         return keras.optimizers.Adadelta(learning_rate=learning_rate)
     if name == "fast":
         # One cycle: linear warm-up from 0 to the peak, then cosine down to 0. Short
