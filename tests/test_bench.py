@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
+from bench import time_to_accuracy as tta
 from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT
 
-pytestmark = pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present")
+needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present")
 
 
 def run_bench(module, *args):
@@ -69,3 +70,60 @@ def test_where_time_goes_smoke_mode_runs_variants_in_fresh_processes(tmp_path):
     assert list(ips) == ["plain", "bf16_noval", "f32_1thread"]
     assert all(v > 0 for v in ips.values())
     assert "... with 1 intra-op and 1 inter-op thread" in result.stdout
+
+
+def test_first_reach_is_the_first_epoch_at_or_above_the_threshold():
+    points = [[10.0, 0.98], [20.0, 0.99], [30.0, 0.9895], [40.0, 0.995]]
+    assert tta.first_reach(points, 0.99) == 20.0
+    assert tta.first_reach(points, 0.995) == 40.0
+    assert tta.first_reach(points, 0.996) is None
+
+
+def test_summary_takes_the_median_over_the_seeds_that_reached_and_counts_them():
+    runs = [
+        {"name": "fast", "epochs": 1, "seed": 42, "points": [[4.0, 0.991]]},
+        {"name": "fast", "epochs": 1, "seed": 1, "points": [[6.0, 0.986]]},
+        {"name": "fast", "epochs": 1, "seed": 2, "points": [[5.0, 0.990]]},
+    ]
+    s = tta.summarise(runs)["fast"]
+    assert s["seeds"] == [42, 1, 2]
+    assert s["final_min"] == 0.986
+    assert s["final_mean"] == pytest.approx(0.989)
+    assert s["seconds_to"]["98.5%"] == {"median_s": 5.0, "reached": "3/3"}
+    assert s["seconds_to"]["99.0%"] == {"median_s": 4.5, "reached": "2/3"}
+    assert s["seconds_to"]["99.3%"] == {"median_s": None, "reached": "0/3"}
+    assert "4.5 s (2/3)" in tta.table(tta.summarise(runs))
+
+
+def test_a_run_of_an_unknown_preset_is_refused_with_the_names_allowed():
+    with pytest.raises(SystemExit) as e:
+        tta.parse_runs([["tiny", "1", "42"]])
+    assert str(e.value) == (
+        "Error: --run tiny 1 42: expected NAME EPOCHS SEED..., "
+        "NAME one of tutorial, reference, compact, best, fast"
+    )
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_time_to_accuracy_smoke_clocks_each_seed_every_epoch_and_draws_one_chart(tmp_path):
+    result = run_bench(
+        "time_to_accuracy",
+        "--smoke",
+        "--run", "tutorial", 2, 7,
+        "--run", "fast", 2, 7, 8,
+        "--out", tmp_path,
+    )  # fmt: skip
+    results = json.loads((tmp_path / "time_to_accuracy.json").read_text())
+    assert (results["train_images"], results["test_images"]) == (600, 500)
+    assert [(r["name"], r["seed"]) for r in results["runs"]] == [
+        ("tutorial", 7),
+        ("fast", 7),
+        ("fast", 8),
+    ]
+    for run in results["runs"]:
+        (s1, _), (s2, _) = run["points"]  # one point per epoch
+        assert 0 < s1 < s2
+    assert results["summary"]["fast"]["seeds"] == [7, 8]
+    assert (tmp_path / "time_to_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plain Keras tutorial (R-interface example CNN)" in result.stdout
