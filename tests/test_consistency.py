@@ -2,6 +2,7 @@
 stage runs, and each stage lists exactly the params its section has."""
 
 import ast
+import typing
 import re
 
 import pytest
@@ -59,3 +60,10 @@ def test_every_param_carries_a_comment():
     for line in (ROOT / "params.yaml").read_text().splitlines():
         if re.match(r"^  \w+:", line):
             assert "#" in line or line.rstrip().endswith(":"), f"no comment: {line!r}"
+
+
+def test_train_model_accepts_exactly_the_presets():
+    from stages import models
+
+    choices = typing.get_args(params.Train.model_fields["model"].annotation)
+    assert choices == tuple(models.BUILDERS)
