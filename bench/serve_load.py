@@ -79,12 +79,12 @@ def stop_server(process):
         process.wait()
 
 
-def rss_mib(pid):
-    """Resident memory of process `pid` in MiB, from /proc (Linux)."""
+def rss_mib(pid, field="VmRSS"):
+    """Resident memory of process `pid` in MiB, from /proc (Linux); VmHWM for the peak."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024  # the line is "VmRSS:  123456 kB"
-    raise PipelineError(f"no VmRSS in /proc/{pid}/status")
+    raise PipelineError(f"no {field} in /proc/{pid}/status")
 
 
 def encode_png(image):
