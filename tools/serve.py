@@ -31,7 +31,7 @@ from tools import preprocess
 from tools.paths import dvc_var
 from tools.predict import load_predictor
 
-MAX_BODY = 1024 * 1024  # bytes; a 280x280 canvas PNG is 3-10 KiB
+MAX_BODY = 1024 * 1024  # bytes; a digit drawn on the page (280x280 canvas) is a 5-7 KiB PNG
 STATIC = Path(__file__).resolve().parent / "static"
 
 
