@@ -22,6 +22,7 @@ from pathlib import Path
 import keras
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from bench.common import TUTORIAL, load_data, machine, plain_tutorial, section_params
 from stages import figures
@@ -153,6 +154,8 @@ def plot(runs, path, title):
         ylim=(min(98.0, lowest * 100) - 0.1, 100.0),
         title=title,
     )
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 10, not 10^1
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(loc="lower right")
     ax.grid(True, which="both", alpha=0.3)
     figures.save(fig, path)
