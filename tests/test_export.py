@@ -215,9 +215,10 @@ def test_paths_of_the_exports_agree_across_dvc_yaml_and_the_code():
 PROJECT_FILES = ["stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"]
 TINY_PIPELINE = {
     "prepare__train_size": 500,
-    "train__model": "compact",
+    "train__model": "compact",  # 2.5x fewer FLOPs than reference: export's 4 runs of 10,000
     "train__epochs": 1,
     "train__batch_size": 64,
+    "train__learning_rate": 0.005,
     "evaluate__gallery_size": 8,
     "export__latency_images": 5,
 }
@@ -231,7 +232,9 @@ def sh(repo, *cmd):
     }
     result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
     return result.stdout + result.stderr
 
 
@@ -266,6 +269,19 @@ def test_dvc_repro_runs_export_after_train_and_only_when_its_inputs_change(tmp_p
     assert exported["parity"]["onnx"]["differing_classes"] == 0
     status = sh(repo, "git", "status", "--porcelain", "--untracked-files=all", "data/export")
     assert "metrics.json" in status and "model.onnx" not in status  # the model is DVC's
+
+    # The model registry without DVC Studio: tag a version with GTO, fetch it by version
+    # or by stage with `dvc artifacts get` (from this repository's cache: no remote).
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline")
+    sh(repo, "gto", "register", "mnist-cnn-onnx", "--version", "v1.0.0")
+    sh(repo, "gto", "assign", "mnist-cnn-onnx", "--version", "v1.0.0", "--stage", "prod")
+    assert sh(repo, "git", "tag").split() == ["mnist-cnn-onnx#prod#1", "mnist-cnn-onnx@v1.0.0"]
+    onnx = (repo / "data/export/model.onnx").read_bytes()
+    for how in (["--rev", "v1.0.0"], ["--stage", "prod"]):
+        out = tmp_path / f"fetched-{how[1]}.onnx"
+        sh(tmp_path, "dvc", "artifacts", "get", str(repo), "mnist-cnn-onnx", *how, "-o", str(out))
+        assert out.read_bytes() == onnx
 
     edit_params(repo / "params.yaml", evaluate__gallery_size=4)
     assert ran_stages(sh(repo, "dvc", "repro")) == ["evaluate"]
