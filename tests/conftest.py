@@ -1,6 +1,7 @@
 """Shared test helpers: the project root, params files with overrides, tiny datasets."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,25 @@ def write_params(path, source=ROOT / "params.yaml", **overrides):
         doc[section][name] = value
     Path(path).write_text(yaml.safe_dump(doc, sort_keys=False))
     return doc
+
+
+# What a user's clone holds that the pipeline needs: tests copy these into temporary
+# git repositories to run real `dvc` commands.
+PROJECT_FILES = ["stages", "tools", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".ci"]
+
+
+def copy_project(dest):
+    """Copies the project's pipeline files into `dest` (created) and returns it."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "node_modules")
+            shutil.copytree(source, dest / name, ignore=ignore)
+        else:
+            shutil.copy2(source, dest / name)
+    return dest
 
 
 def edit_params(path, **overrides):

@@ -2,8 +2,8 @@
 stage runs, and each stage lists exactly the params its section has."""
 
 import ast
-import typing
 import re
+import typing
 
 import pytest
 import yaml

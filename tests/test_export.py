@@ -4,7 +4,6 @@ the parity check and its failure, and `dvc repro` running export only when it sh
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,7 +15,15 @@ import yaml
 
 from stages import export, models, train
 from stages.common import run_cli
-from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT, edit_params, make_prepared, write_params
+from tests.conftest import (
+    HAVE_MNIST,
+    MNIST_MIRROR,
+    ROOT,
+    copy_project,
+    edit_params,
+    make_prepared,
+    write_params,
+)
 from tools import predict
 
 TINY_TRAIN = {
@@ -212,7 +219,6 @@ def test_paths_of_the_exports_agree_across_dvc_yaml_and_the_code():
 
 # --- The real pipeline: `dvc repro` in a temporary git repository ------------------------
 
-PROJECT_FILES = ["stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"]
 TINY_PIPELINE = {
     "prepare__train_size": 500,
     "train__model": "compact",  # 2.5x fewer FLOPs than reference: export's 4 runs of 10,000
@@ -245,13 +251,7 @@ def ran_stages(output):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present")
 def test_dvc_repro_runs_export_after_train_and_only_when_its_inputs_change(tmp_path):
-    repo = tmp_path / "project"
-    repo.mkdir()
-    for name in PROJECT_FILES:
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(ROOT / name, repo / name)
+    repo = copy_project(tmp_path / "project")
     edit_params(repo / "params.yaml", **TINY_PIPELINE)
     sh(repo, "git", "init", "-q", "-b", "main")
     sh(repo, "git", "config", "user.email", "test@example.com")

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT, edit_params
+from tests.conftest import HAVE_MNIST, MNIST_MIRROR, copy_project, edit_params
 
 pytestmark = [
     pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present"),
     pytest.mark.slow,
 ]
 
-PROJECT_FILES = ["stages", "tools", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".ci"]
 TINY = {
     "prepare__train_size": 500,
     "train__epochs": 1,
@@ -58,15 +57,7 @@ def commit(repo, message):
 def reproduced(tmp_path_factory):
     """A git + DVC project on tiny params, reproduced once and committed as `main`;
     returns (path, the output of that first `dvc repro`)."""
-    repo = tmp_path_factory.mktemp("reproduced") / "project"
-    repo.mkdir()
-    for name in PROJECT_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            ignore = shutil.ignore_patterns("__pycache__", "node_modules")
-            shutil.copytree(source, repo / name, ignore=ignore)
-        else:
-            shutil.copy2(source, repo / name)
+    repo = copy_project(tmp_path_factory.mktemp("reproduced") / "project")
     edit_params(repo / "params.yaml", **TINY)
     sh(repo, "git", "init", "-q", "-b", "main")
     sh(repo, "git", "config", "user.email", "test@example.com")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT, write_params
+from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT, copy_project, write_params
 
 BIN = Path(sys.executable).parent
 RCLONE = shutil.which("rclone", path=f"{BIN}{os.pathsep}{os.environ['PATH']}")
@@ -33,7 +33,6 @@ pytestmark = [
 # rclone answers InvalidAccessKeyId to access key IDs shorter than 3 characters.
 KEY, SECRET = "mnist-team", "mnist-team-secret"
 BUCKET = "mnist"
-PROJECT_FILES = ["stages", "tools", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".ci"]
 TINY = {
     "prepare__train_size": 500,
     "train__epochs": 1,
@@ -165,15 +164,7 @@ def machine_a(tmp_path_factory, s3):
     base = tmp_path_factory.mktemp("machines")
     origin = base / "origin.git"
     out(base, "git", "init", "-q", "--bare", "-b", "main", str(origin))
-    repo = base / "a"
-    repo.mkdir()
-    for name in PROJECT_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            ignore = shutil.ignore_patterns("__pycache__", "node_modules")
-            shutil.copytree(source, repo / name, ignore=ignore)
-        else:
-            shutil.copy2(source, repo / name)
+    repo = copy_project(base / "a")
     write_params(repo / "params.yaml", **TINY)
     out(repo, "git", "init", "-q", "-b", "main")
     git_identity(repo)
