@@ -144,7 +144,7 @@ def summarise(results, labels, wall_s):
     return {
         "requests": len(results),
         "errors": len(results) - sum(ok),
-        "wall_s": round(wall_s, 2),
+        "wall_s": round(wall_s, 4),
         "throughput_rps": round(len(results) / wall_s, 1),
         "latency_ms": {
             f"p{q}": round(float(np.percentile(latencies_ms, q)), 1) for q in (50, 95, 99)

@@ -245,6 +245,12 @@ def prepared_twice(machine_a):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: with DVC 3.67.1, B's `dvc repro prepare` reruns prepare although A pushed "
+    "that param set's run cache and B pulled it (`dvc repro -v` shows no run-cache lookup); "
+    "cause not found yet",
+)
 def test_run_cache_restores_a_param_set_another_machine_ran(machine_a, prepared_twice, tmp_path):
     _, origin = machine_a
     b = clone(origin, tmp_path / "b")
