@@ -5,12 +5,15 @@ Reads   params.yaml `export`, MODEL (.keras, maybe trained in mixed precision),
         DATA/{x,y}_test.npy.
 Writes  OUT/model.onnx      for onnxruntime (what `python -m tools.predict` and the server use)
         OUT/saved_model/    for TF Serving: signature `serve`, float32 (N, 28, 28, 1) -> (N, 10)
-        OUT/metrics.json    parity with Keras, accuracy of each format, file sizes, ms per image
-A failed parity check stops the stage with one line and writes none of these.
+        OUT/metrics.json    parity with Keras, accuracy of each format, file sizes
+A failed parity check stops the stage with one line and writes none of these. All three
+are byte-for-byte the same on every run with the same model, as DVC's lock file needs
+(speeds vary from run to run, so they are measured by `python -m bench.export_speed`).
 """
 
 import argparse
-import time
+import contextlib
+import re
 from pathlib import Path
 
 from stages import params
@@ -105,29 +108,80 @@ def accuracy(probs, labels):
     return float(np.mean(probs.argmax(axis=1) == labels))
 
 
-def measure(runners, x, batch_size, latency_images):
-    """Runs each runner on all of x in batches; returns its probabilities, and ms per image
-    at batch 1 (median over `latency_images` single images) and at batch_size (median
-    over the batches)."""
-    probs, timing = {}, {}
-    for name, run in runners.items():
-        run(x[:1])  # untimed: graph set-up, caches
-        seconds, outputs = [], []
-        for i in range(0, len(x), batch_size):
-            start = time.perf_counter()
-            outputs.append(np.asarray(run(x[i : i + batch_size])))
-            seconds.append((time.perf_counter() - start) / len(outputs[-1]))
-        probs[name] = np.concatenate(outputs)
-        single = []
-        for i in range(min(latency_images, len(x))):
-            start = time.perf_counter()
-            run(x[i : i + 1])
-            single.append(time.perf_counter() - start)
-        timing[name] = {
-            "batch_1": 1000 * float(np.median(single)),
-            f"batch_{batch_size}": 1000 * float(np.median(seconds)),
-        }
-    return probs, timing
+def predict_all(run, x, batch_size):
+    """Runs `run` on all of x in batches of batch_size; returns the probabilities."""
+    return np.concatenate(
+        [np.asarray(run(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+    )
+
+
+# What the exporters write that is not the model, fixed so that the same model always
+# gives the same bytes (as for the .keras file in stages/models.py): the SavedModel's
+# variable order (Keras collects them in an order that varies from run to run), the seeds
+# of layers that draw random numbers in training only, and its fingerprint's random UUID;
+# tf2onnx's generated names (counters that vary from run to run) and initializer order.
+
+
+@contextlib.contextmanager
+def ordered_saved_model_variables():
+    from keras.src.export import saved_model_export_archive as archive
+
+    collect = archive._list_variables_used_by_fns
+
+    def ordered(fns):
+        trainable, other = collect(fns)
+        return sorted(trainable, key=lambda v: v.name), sorted(other, key=lambda v: v.name)
+
+    archive._list_variables_used_by_fns = ordered
+    try:
+        yield
+    finally:
+        archive._list_variables_used_by_fns = collect
+
+
+def fix_fingerprint(saved_model):
+    """Replaces the fingerprint's random UUID by its checksum of the SavedModel's files."""
+    from tensorflow.core.protobuf import fingerprint_pb2
+
+    path = Path(saved_model) / "fingerprint.pb"
+    fingerprint = fingerprint_pb2.FingerprintDef.FromString(path.read_bytes())
+    fingerprint.uuid = str(fingerprint.saved_model_checksum)
+    path.write_bytes(fingerprint.SerializeToString(deterministic=True))
+
+
+GENERATED = re.compile(r"__\d+(:\d+)?$")  # tf2onnx's made-up names: const_axes__27
+
+
+def fix_onnx_names(onnx_file):
+    """Renames tf2onnx's generated tensor and node names in order of first use, and orders
+    the initializers by first use, so that the same graph always gives the same bytes."""
+    import onnx
+
+    model = onnx.load(str(onnx_file))
+    graph = model.graph
+    renamed = {}
+
+    def canonical(name):
+        if not GENERATED.search(name):
+            return name
+        return renamed.setdefault(name, f"generated__{len(renamed)}")
+
+    for i, node in enumerate(graph.node):
+        node.input[:] = [canonical(n) for n in node.input]
+        node.output[:] = [canonical(n) for n in node.output]
+        if GENERATED.search(node.name):
+            node.name = f"node__{i}"
+    first_use = {}  # name -> (node, input position) of its first use
+    for i, node in enumerate(graph.node):
+        for j, name in enumerate(node.input):
+            first_use.setdefault(name, (i, j))
+    unused = (len(graph.node), 0)
+    initializers = sorted(graph.initializer, key=lambda t: first_use.get(canonical(t.name), unused))
+    for tensor in initializers:
+        tensor.name = canonical(tensor.name)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    onnx.save(model, str(onnx_file))
 
 
 def export(trained, saved_model, onnx_file, x, labels, p):
@@ -135,9 +189,13 @@ def export(trained, saved_model, onnx_file, x, labels, p):
     formats on (x, labels) and checks parity; returns the metrics dict."""
     import tensorflow as tf
 
+    keras.utils.set_random_seed(0)  # Dropout's seed state is saved, though unused in serving
     model = float32_copy(trained)
+    with ordered_saved_model_variables():
+        model.export(str(saved_model), format="tf_saved_model", verbose=False)
+    fix_fingerprint(saved_model)
     model.export(str(onnx_file), format="onnx", verbose=False)
-    model.export(str(saved_model), format="tf_saved_model", verbose=False)
+    fix_onnx_names(onnx_file)
     loaded = tf.saved_model.load(str(saved_model))  # its variables live as long as this
     runners = {
         "keras": trained.predict_on_batch,  # as trained, in its own precision
@@ -145,7 +203,7 @@ def export(trained, saved_model, onnx_file, x, labels, p):
         "onnx": onnx_runner(onnx_session(onnx_file)),
         "saved_model": lambda batch: loaded.serve(batch).numpy(),
     }
-    probs, timing = measure(runners, x, p.batch_size, p.latency_images)
+    probs = {name: predict_all(run, x, p.batch_size) for name, run in runners.items()}
     parity = {
         # The conversion itself: same weights, same float32 arithmetic.
         "onnx": compare(probs["keras_float32"], probs["onnx"]),
@@ -162,12 +220,10 @@ def export(trained, saved_model, onnx_file, x, labels, p):
             f"explains: max |Δp| {trained_parity['max_abs_diff']:.1e} "
             f"(export.precision_tolerance: {p.precision_tolerance})"
         )
-    del timing["keras_float32"]  # a check, not a runtime anyone serves
     return {
         "precision": compute_dtype(trained),
         "parity": parity,
         "accuracy": {name: accuracy(prob, labels) for name, prob in probs.items()},
-        "ms_per_image": timing,
     }
 
 

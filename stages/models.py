@@ -203,6 +203,8 @@ def load_model(path):
     if not path.exists():
         raise PipelineError(f"{path} not found; run `dvc repro train` first")
     try:
+        if not zipfile.is_zipfile(path):  # Keras would say "File not found" of it
+            raise zipfile.BadZipFile("not a zip archive")
         return keras.saving.load_model(path)
     # A damaged archive surfaces as any of these, depending on where the damage is.
     except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as e:

@@ -58,7 +58,6 @@ class Export(Section):
     batch_size: int = Field(ge=1)  # parity runs and the large-batch timing
     tolerance: float = Field(gt=0)  # max |Δp|, exports against Keras in float32
     precision_tolerance: float = Field(gt=0)  # max |Δp|, float32 export vs the model as trained
-    latency_images: int = Field(ge=1)  # images timed one at a time (batch 1)
 
 
 SECTIONS = {

@@ -4,7 +4,9 @@ Reads   params.yaml `train` and DATA/{x,y}_{train,val}.npy from prepare.
 Writes  MODEL (native .keras file) and LIVE/ (dvclive: per-epoch loss, accuracy, val_loss,
         val_accuracy as plots/metrics/{train,eval}/*.tsv with step = epoch, 1-based, and
         metrics.json). While training, CHECKPOINT/ holds a backup of the last finished
-        epoch, so that a killed run resumes from there; a finished run empties it.
+        epoch and a copy of LIVE/ up to it, so that a killed run resumes from there with
+        its history (DVC deletes LIVE/ before rerunning the stage); a finished run
+        deletes CHECKPOINT/.
 
 Runs on whatever Keras finds: a GPU when one is visible (several -> MirroredStrategy),
 else the CPU. Model code uses Keras 3 APIs only, so KERAS_BACKEND=jax works too.
@@ -26,6 +28,7 @@ if __name__ == "__main__":
 
 import keras
 import numpy as np
+import pandas as pd
 from dvclive import Live
 from dvclive.utils import standardize_metric_name
 
@@ -179,16 +182,19 @@ def train_model(data, p, callbacks=(), verbose="auto"):
 
 class LogToLive(keras.callbacks.Callback):
     """dvclive's Keras callback without its `import tensorflow`, so that training under
-    KERAS_BACKEND=jax needs no TensorFlow installed."""
+    KERAS_BACKEND=jax needs no TensorFlow installed. After each epoch it also copies the
+    history to `snapshot`, from where a resumed run restores it."""
 
-    def __init__(self, live):
+    def __init__(self, live, snapshot):
         super().__init__()
         self.live = live
+        self.snapshot = Path(snapshot)
 
     def on_epoch_end(self, epoch, logs=None):
         for name, value in (logs or {}).items():  # val_loss -> eval/loss, loss -> train/loss
             self.live.log_metric(standardize_metric_name(name, "dvclive.keras"), value)
         self.live.next_step()
+        shutil.copytree(self.live.dir, self.snapshot, dirs_exist_ok=True)
 
     def on_train_end(self, logs=None):
         self.live.end()
@@ -196,9 +202,25 @@ class LogToLive(keras.callbacks.Callback):
 
 def make_callbacks(live, checkpoint_dir):
     return [
-        LogToLive(live),  # logs epoch k before the backup of epoch k is written
+        # Copies the history through epoch k before the backup of epoch k is written: a
+        # run killed in between has one epoch too many, which restore_history drops.
+        LogToLive(live, Path(checkpoint_dir) / "live"),
         keras.callbacks.BackupAndRestore(str(Path(checkpoint_dir) / "backup")),
     ]
+
+
+def restore_history(checkpoint_dir, live_dir, epochs_done):
+    """Puts the history of a killed run back in live_dir, through epoch `epochs_done`
+    (1-based): DVC deletes train's outputs before it reruns the stage."""
+    shutil.rmtree(live_dir, ignore_errors=True)
+    snapshot = Path(checkpoint_dir) / "live"
+    if not snapshot.exists():  # killed before its first epoch had been logged
+        return
+    shutil.copytree(snapshot, live_dir)
+    for tsv in Path(live_dir).rglob("*.tsv"):
+        rows = pd.read_csv(tsv, sep="\t")
+        if (rows["step"] > epochs_done).any():
+            rows[rows["step"] <= epochs_done].to_csv(tsv, sep="\t", index=False)
 
 
 def main(argv=None):
@@ -212,15 +234,17 @@ def main(argv=None):
     data = load_prepared(args.data, splits=("train", "val"))
     fp = fingerprint(p, data)
     resume = can_resume(args.checkpoint, fp)
+    epochs_done = resumed_epoch(args.checkpoint) if resume else 0
     if resume:
         print(f"train: resuming from the checkpoint in {args.checkpoint}")
+        restore_history(args.checkpoint, args.live, epochs_done)
     else:
         reset_checkpoint(args.checkpoint, fp)
     live = Live(args.live, resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)
     # dvclive's step is the epoch, 1-based like Keras' own log and curves.png; a resumed
     # run continues at the epoch Keras resumes from (dvclive alone would log a run killed
     # after its first epoch at step 1 twice).
-    live.step = 1 + (resumed_epoch(args.checkpoint) if resume else 0)
+    live.step = 1 + epochs_done
     model = train_model(data, p, make_callbacks(live, args.checkpoint))
     models.save_model(model, args.model)
     # Finished: BackupAndRestore has deleted its backup; drop the stamp and the folder too,

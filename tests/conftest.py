@@ -129,3 +129,88 @@ def workdir(tmp_path, monkeypatch):
     """An empty directory as the working directory, as DVC runs stages from the root."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+# --- the real pipeline, run with `dvc` as a user runs it --------------------------------
+
+# The pipeline on 500 real MNIST images for the tests that run `dvc`: the `fast` preset for
+# one epoch, so that train, evaluate and export (each over the 10,000 test images) take
+# seconds. Accuracies are low and beside the point.
+TINY_PIPELINE = {
+    "prepare__train_size": 500,
+    "train__model": "fast",
+    "train__epochs": 1,
+    "train__batch_size": 64,
+    "train__learning_rate": 0.01,  # Adam's peak; the default 1.0 is the reference's Adadelta
+    "evaluate__gallery_size": 8,
+}
+
+
+def user_env(extra=None):
+    """A user's shell: the interpreter running the tests first on PATH (DVC runs
+    `python -m stages.X`), the offline mirror, and no AWS credentials but those given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    return {
+        **env,
+        "MNIST_MIRROR": str(MNIST_MIRROR),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        **(extra or {}),
+    }
+
+
+def run(repo, *cmd, env=None):
+    """Runs cmd in repo as a user would; returns (exit code, stdout + stderr)."""
+    result = subprocess.run(
+        [str(c) for c in cmd],
+        cwd=repo,
+        env=user_env(env),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+def sh(repo, *cmd, env=None):
+    """Runs cmd in repo as a user would; returns its output, or fails the test with it."""
+    code, output = run(repo, *cmd, env=env)
+    if code != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {code}:\n{output}")
+    return output
+
+
+def ran_stages(output):
+    """The stages a `dvc repro` or `dvc exp run` ran, in the order it ran them."""
+    return [line.split("'")[1] for line in output.splitlines() if "Running stage '" in line]
+
+
+def git_identity(repo):
+    sh(repo, "git", "config", "user.email", "test@example.com")
+    sh(repo, "git", "config", "user.name", "Test")
+
+
+def commit(repo, message):
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", message)
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory):
+    """A git + DVC project on TINY_PIPELINE, reproduced once and committed as `main`;
+    returns (path, the output of that `dvc repro`). Tests copy it, never change it."""
+    repo = copy_project(tmp_path_factory.mktemp("reproduced") / "project")
+    edit_params(repo / "params.yaml", **TINY_PIPELINE)
+    sh(repo, "git", "init", "-q", "-b", "main")
+    git_identity(repo)
+    sh(repo, "dvc", "init", "-q")
+    commit(repo, "project")
+    output = sh(repo, "dvc", "repro")
+    commit(repo, "baseline")
+    return repo, output
+
+
+def copy_reproduced(reproduced, dest):
+    """A copy of the reproduced project at dest: files, git history and DVC cache."""
+    shutil.copytree(reproduced[0], dest, symlinks=True)
+    return Path(dest)

@@ -129,6 +129,26 @@ def test_time_to_accuracy_smoke_clocks_each_seed_every_epoch_and_draws_one_chart
     for run in results["runs"]:
         (s1, _), (s2, _) = run["points"]  # one point per epoch
         assert 0 < s1 < s2
+        assert 0 < run["fit_s"] < s2  # fit alone: without building and compiling the model
     assert results["summary"]["fast"]["seeds"] == [7, 8]
     assert (tmp_path / "time_to_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plain Keras tutorial (R-interface example CNN)" in result.stdout
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_export_speed_times_each_exported_format(reproduced, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.export_speed", "--images", "3", "--out", str(tmp_path)],
+        cwd=reproduced[0],  # reads dvc.yaml's paths there: the tiny pipeline's outputs
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "export_speed.json").read_text())
+    assert [name.split()[0] for name in figures] == ["keras", "onnx", "saved_model"]
+    for timing in figures.values():
+        assert set(timing) == {"batch_1", "batch_1000"} and min(timing.values()) > 0
+    assert "ms per image: batch 1 (median of 3) / batch 1000" in result.stdout

@@ -115,6 +115,14 @@ def test_a_truncated_model_file_is_a_one_line_error(tmp_path):
     )
 
 
+def test_a_file_that_is_no_zip_archive_is_a_one_line_error(tmp_path):
+    path = tmp_path / "model.keras"
+    path.write_text("a text file")
+    with pytest.raises(PipelineError) as error:
+        models.load_model(path)
+    assert str(error.value).startswith(f"{path} is not a readable Keras model (not a zip ")
+
+
 def test_a_truncated_prepared_array_is_a_one_line_error(tmp_path):
     make_prepared(tmp_path)
     path = tmp_path / "x_test.npy"

@@ -10,79 +10,36 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import HAVE_MNIST, MNIST_MIRROR, copy_project, edit_params
+from tests.conftest import (
+    HAVE_MNIST,
+    commit,
+    copy_reproduced,
+    edit_params,
+    ran_stages,
+    run,
+    sh,
+)
 
 pytestmark = [
     pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present"),
     pytest.mark.slow,
 ]
 
-TINY = {
-    "prepare__train_size": 500,
-    "train__epochs": 1,
-    "train__batch_size": 64,
-    "evaluate__gallery_size": 8,
-    "export__latency_images": 5,
-}
-
-
-def sh(repo, *cmd, check=True):
-    env = {
-        **os.environ,
-        "MNIST_MIRROR": str(MNIST_MIRROR),
-        # DVC runs `python -m stages.X`: the interpreter running the tests must be first.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=False)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
-    return result.stdout + result.stderr
-
-
-def ran_stages(output):
-    stages = [line.split("'")[1] for line in output.splitlines() if "Running stage '" in line]
-    return stages
-
-
-def commit(repo, message):
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", message)
-
-
-@pytest.fixture(scope="session")
-def reproduced(tmp_path_factory):
-    """A git + DVC project on tiny params, reproduced once and committed as `main`;
-    returns (path, the output of that first `dvc repro`)."""
-    repo = copy_project(tmp_path_factory.mktemp("reproduced") / "project")
-    edit_params(repo / "params.yaml", **TINY)
-    sh(repo, "git", "init", "-q", "-b", "main")
-    sh(repo, "git", "config", "user.email", "test@example.com")
-    sh(repo, "git", "config", "user.name", "Test")
-    sh(repo, "dvc", "init", "-q")
-    commit(repo, "project")
-    output = sh(repo, "dvc", "repro")
-    commit(repo, "baseline")
-    return repo, output
-
 
 @pytest.fixture
 def repo(reproduced, tmp_path):
     """This test's own copy of the reproduced project (git history and DVC cache too)."""
-    copy = tmp_path / "project"
-    shutil.copytree(reproduced[0], copy, symlinks=True)
-    return copy
+    return copy_reproduced(reproduced, tmp_path / "project")
 
 
 @pytest.fixture(scope="session")
 def branches(reproduced, tmp_path_factory):
     """A copy with branch `more-epochs` (train.epochs 1 -> 2) reproduced and committed
     on top of `main`. Tests only read it."""
-    copy = tmp_path_factory.mktemp("branches") / "project"
-    shutil.copytree(reproduced[0], copy, symlinks=True)
+    copy = copy_reproduced(reproduced, tmp_path_factory.mktemp("branches") / "project")
     sh(copy, "git", "checkout", "-q", "-b", "more-epochs")
     edit_params(copy / "params.yaml", train__epochs=2)
     sh(copy, "dvc", "repro")
@@ -101,12 +58,12 @@ def test_repro_runs_every_stage_once_then_nothing(reproduced, repo):
     assert sh(repo, "git", "status", "--porcelain") == ""  # the model file hashes the same
     metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
     assert sum(c["support"] for c in metrics["per_class"].values()) == 10_000
-    # Outputs DVC caches are ignored by git; the metrics and plots are committed.
+    # Outputs DVC caches are ignored by git, train's history too (so that the run cache can
+    # restore train); evaluate's metrics and plots are committed.
     tracked = sh(repo, "git", "ls-files", "data").split()
-    assert "data/evaluate/metrics.json" in tracked and "data/train/metrics.json" in tracked
-    assert not [
-        f for f in tracked if f.startswith(("data/raw/", "data/prepared/", "data/model/model"))
-    ]
+    assert "data/evaluate/metrics.json" in tracked and "data/evaluate/plots/curves.png" in tracked
+    cached = ("data/raw/", "data/prepared/", "data/model/model", "data/train/")
+    assert not [f for f in tracked if f.startswith(cached)]
 
 
 def test_a_forced_rerun_reproduces_the_lock_file_byte_for_byte(repo):
@@ -144,17 +101,10 @@ def test_changing_validation_split_reruns_prepare_and_what_follows(repo):
 def test_a_rejected_param_fails_at_once_and_dvc_checkout_restores_the_model(repo):
     model = (repo / "data/model/model.keras").read_bytes()
     edit_params(repo / "params.yaml", train__epochs=0)
-    result = subprocess.run(
-        ["dvc", "repro"],
-        cwd=repo,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode != 0
-    assert "Error: params.yaml: train.epochs must be an integer >= 1, got 0" in result.stderr
-    assert "oneDNN" not in result.stderr  # TensorFlow prints this line as it loads
+    code, output = run(repo, "dvc", "repro")
+    assert code != 0
+    assert "Error: params.yaml: train.epochs must be an integer >= 1, got 0" in output
+    assert "oneDNN" not in output  # TensorFlow prints this line as it loads
 
     assert not (repo / "data/model/model.keras").exists()  # DVC removed it before the run
     sh(repo, "git", "checkout", "--", "params.yaml")
@@ -229,15 +179,15 @@ def experiments(repo):
 
 
 def test_exp_run_changes_one_line_of_params_and_is_listed(repo):
-    sh(repo, "dvc", "exp", "run", "-n", "lr-half", "-S", "train.learning_rate=0.5")
+    sh(repo, "dvc", "exp", "run", "-n", "lr-half", "-S", "train.learning_rate=0.005")
     diff = sh(repo, "git", "diff", "-U0", "params.yaml").splitlines()
     changed = [line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---")]
     assert changed == [
-        next(line for line in changed if line.startswith("-  learning_rate: 1.0 ")),
-        next(line for line in changed if line.startswith("+  learning_rate: 0.5 ")),
+        next(line for line in changed if line.startswith("-  learning_rate: 0.01 ")),
+        next(line for line in changed if line.startswith("+  learning_rate: 0.005 ")),
     ]
     params, accuracy = experiments(repo)["lr-half"]
-    assert params["learning_rate"] == 0.5
+    assert params["learning_rate"] == 0.005
     assert accuracy == json.loads((repo / "data/evaluate/metrics.json").read_text())["accuracy"]
 
 
@@ -252,10 +202,10 @@ def test_queued_experiments_run_with_their_own_overrides(repo):
 
 
 def test_ci_script_reproduces_with_overrides_and_writes_the_report(repo):
-    output = sh(repo, "bash", ".ci/train-report", "main", "train.learning_rate=0.8")
+    output = sh(repo, "bash", ".ci/train-report", "main", "train.learning_rate=0.02")
     assert sorted(ran_stages(output)) == ["evaluate", "export", "train"]
     text = (repo / "report.md").read_text()
-    assert "| `train.learning_rate` | 1.0 | 0.8 |" in text
+    assert "| `train.learning_rate` | 0.01 | 0.02 |" in text
     assert "**Test accuracy" in text
 
 
@@ -266,6 +216,6 @@ def test_ci_script_finds_a_bare_base_branch_on_origin(repo, tmp_path):
     sh(clone, "git", "branch", "-D", "main")  # a runner's checkout: only origin/main
     shutil.copytree(repo / ".dvc" / "cache", clone / ".dvc" / "cache")
     sh(clone, "dvc", "checkout")
-    output = sh(clone, "bash", ".ci/train-report", "main", "train.learning_rate=0.8")
+    output = sh(clone, "bash", ".ci/train-report", "main", "train.learning_rate=0.02")
     assert "(against `origin/main`)" in output
-    assert "| `train.learning_rate` | 1.0 | 0.8 |" in (clone / "report.md").read_text()
+    assert "| `train.learning_rate` | 0.01 | 0.02 |" in (clone / "report.md").read_text()

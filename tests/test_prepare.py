@@ -1,12 +1,14 @@
 """IDX parsing, scaling and the validation split, on hand-made bytes and arrays."""
 
 import gzip
+import os
+import stat
 
 import numpy as np
 import pytest
 
 from stages import prepare
-from stages.common import PipelineError
+from stages.common import PipelineError, atomic_dir
 
 
 def idx_bytes(array, magic=None):
@@ -104,3 +106,13 @@ def test_labels_out_of_range_are_rejected():
             images, np.array([1, 12], dtype=np.uint8), images, np.zeros(2, np.uint8), None, 0.5
         )
     assert str(error.value) == "train: label 12 out of range 0-9"
+
+
+def test_written_outputs_get_the_usual_permissions_not_mkdtemps(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "a.npy").write_bytes(b"")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755

@@ -1,6 +1,7 @@
 """The train stage on tiny synthetic data: presets, resume, determinism, devices, backends."""
 
 import json
+import shutil
 import time
 
 import keras
@@ -118,6 +119,7 @@ def test_killed_training_resumes_from_the_last_finished_epoch(workdir, capsys, m
             train.main(train_args(workdir))
     assert (workdir / "checkpoint" / "backup").is_dir()
     assert not (workdir / "model" / "model.keras").exists()
+    shutil.rmtree(workdir / "live")  # as DVC does before it reruns the stage
 
     recorder = RecordEpochs()
     with_callback(monkeypatch, recorder)
@@ -127,6 +129,19 @@ def test_killed_training_resumes_from_the_last_finished_epoch(workdir, capsys, m
     assert logged_epochs(workdir / "live") == [1, 2, 3]
     assert (workdir / "model" / "model.keras").exists()
     assert not (workdir / "checkpoint").exists()  # nothing left to leak
+
+
+def test_restored_history_ends_at_the_epoch_training_resumes_from(tmp_path):
+    """A run killed after logging epoch 3 but before backing it up resumes after epoch 2."""
+    snapshot = tmp_path / "checkpoint" / "live" / "plots" / "metrics" / "train"
+    snapshot.mkdir(parents=True)
+    rows = "timestamp\tstep\tloss\n" + "".join(f"{i}\t{i}\t0.{i}\n" for i in (1, 2, 3))
+    (snapshot / "loss.tsv").write_text(rows)
+    (tmp_path / "live").mkdir()
+    (tmp_path / "live" / "stale.tsv").write_text("of another run")
+    train.restore_history(tmp_path / "checkpoint", tmp_path / "live", epochs_done=2)
+    assert logged_epochs(tmp_path / "live") == [1, 2]
+    assert not (tmp_path / "live" / "stale.tsv").exists()
 
 
 @pytest.mark.slow
