@@ -268,7 +268,5 @@ def test_dvc_repro_runs_export_after_train_and_only_when_its_inputs_change(repro
     assert ran_stages(sh(repo, "dvc", "repro")) == ["evaluate"]
     edit_params(repo / "params.yaml", export__batch_size=500)
     assert ran_stages(sh(repo, "dvc", "repro")) == ["export"]
-    edit_params(repo / "params.yaml", train__seed=7)
-    ran = ran_stages(sh(repo, "dvc", "repro"))
-    assert sorted(ran) == ["evaluate", "export", "train"] and ran[0] == "train"
     assert "Data and pipelines are up to date." in sh(repo, "dvc", "repro")
+    # A train param reruns export too: test_pipeline's test of train.epochs.
