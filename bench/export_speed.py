@@ -47,16 +47,13 @@ def main(argv=None):
     exported = Path(dvc_var("exported"))
     if not (exported / export.ONNX_FILE).exists():
         raise PipelineError(f"{exported / export.ONNX_FILE} not found; run `dvc repro export`")
-    import tensorflow as tf
-
     x = load_prepared(dvc_var("prepared"), splits=("test",))["x_test"]
     trained = models.load_model(dvc_var("model"))
-    saved_model = tf.saved_model.load(str(exported / export.SAVED_MODEL))
-    runners = {
-        f"keras ({export.compute_dtype(trained)})": trained.predict_on_batch,
-        "onnx": export.onnx_runner(export.onnx_session(exported / export.ONNX_FILE)),
-        "saved_model": lambda batch: saved_model.serve(batch).numpy(),
-    }
+    runners = export.format_runners(
+        trained, exported / export.ONNX_FILE, exported / export.SAVED_MODEL
+    )
+    keras_label = f"keras ({export.compute_dtype(trained)})"  # its precision, as trained
+    runners = {keras_label if name == "keras" else name: run for name, run in runners.items()}
     figures = {}
     print(f"ms per image: batch 1 (median of {args.images}) / batch {args.batch_size}")
     for name, run in runners.items():

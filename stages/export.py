@@ -166,13 +166,12 @@ def fix_onnx_names(onnx_file):
             return name
         return renamed.setdefault(name, f"generated__{len(renamed)}")
 
+    first_use = {}  # name -> (node, input position) of its first use
     for i, node in enumerate(graph.node):
         node.input[:] = [canonical(n) for n in node.input]
         node.output[:] = [canonical(n) for n in node.output]
         if GENERATED.search(node.name):
             node.name = f"node__{i}"
-    first_use = {}  # name -> (node, input position) of its first use
-    for i, node in enumerate(graph.node):
         for j, name in enumerate(node.input):
             first_use.setdefault(name, (i, j))
     unused = (len(graph.node), 0)
@@ -184,10 +183,22 @@ def fix_onnx_names(onnx_file):
     onnx.save(model, str(onnx_file))
 
 
+def format_runners(trained, onnx_file, saved_model):
+    """{"keras", "onnx", "saved_model"} -> a function from a float32 batch to probabilities:
+    the model as trained (in its own precision) and the two exported files."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(saved_model))  # its variables live as long as this
+    return {
+        "keras": trained.predict_on_batch,
+        "onnx": onnx_runner(onnx_session(onnx_file)),
+        "saved_model": lambda batch: loaded.serve(batch).numpy(),
+    }
+
+
 def export(trained, saved_model, onnx_file, x, labels, p):
     """Writes the float32 copy of `trained` as a SavedModel and an ONNX file, runs all
     formats on (x, labels) and checks parity; returns the metrics dict."""
-    import tensorflow as tf
 
     keras.utils.set_random_seed(0)  # Dropout's seed state is saved, though unused in serving
     model = float32_copy(trained)
@@ -196,12 +207,9 @@ def export(trained, saved_model, onnx_file, x, labels, p):
     fix_fingerprint(saved_model)
     model.export(str(onnx_file), format="onnx", verbose=False)
     fix_onnx_names(onnx_file)
-    loaded = tf.saved_model.load(str(saved_model))  # its variables live as long as this
     runners = {
-        "keras": trained.predict_on_batch,  # as trained, in its own precision
+        **format_runners(trained, onnx_file, saved_model),
         "keras_float32": model.predict_on_batch,
-        "onnx": onnx_runner(onnx_session(onnx_file)),
-        "saved_model": lambda batch: loaded.serve(batch).numpy(),
     }
     probs = {name: predict_all(run, x, p.batch_size) for name, run in runners.items()}
     parity = {
