@@ -137,7 +137,7 @@ def plot(runs, path, title):
     """Test accuracy against training seconds (log scale), one line per run."""
     names = list(dict.fromkeys(r["name"] for r in runs))
     colours = {name: plt.cm.tab10.colors[i % 10] for i, name in enumerate(names)}
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
     labelled = set()
     for r in runs:
         seconds, accuracy = np.array(r["points"]).T
@@ -155,18 +155,21 @@ def plot(runs, path, title):
         )
     for t in THRESHOLDS:
         ax.axhline(t * 100, color="grey", linestyle=":", linewidth=0.8)
-    lowest = min(acc for r in runs for _, acc in r["points"])
+    # From just under the lowest final accuracy: the first epochs of the slower presets
+    # (down to 92% for compact) would squeeze the 98-100% band the thresholds are in.
+    floor = min(98.0, min(r["points"][-1][1] for r in runs) * 100) - 0.5
     ax.set(
         xscale="log",
-        xlabel="training seconds (test evaluation excluded)",
+        xlabel="training seconds (test evaluation excluded); "
+        f"epochs below {floor:.1f}% are off the chart",
         ylabel="test accuracy (%)",
-        ylim=(min(98.0, lowest * 100) - 0.1, 100.0),
+        ylim=(floor, 100.0),
         title=title,
     )
     ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 20, not 2x10^1
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: no point hidden
     ax.grid(True, which="both", alpha=0.3)
     figures.save(fig, path)
 
