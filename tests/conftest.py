@@ -124,6 +124,16 @@ def run_stage(module, *args, env=None, cwd=None, check=True):
     return result
 
 
+@pytest.fixture(autouse=True)
+def float32_after_each_test():
+    """train_model sets Keras' global dtype policy (mixed_bfloat16 on this CPU); puts it
+    back after each test, so that no test depends on which ran before it in its process
+    (`make test` spreads the tests over processes in an order that varies)."""
+    yield
+    if "keras" in sys.modules:  # never imports Keras for a test that did not
+        sys.modules["keras"].mixed_precision.set_dtype_policy("float32")
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """An empty directory as the working directory, as DVC runs stages from the root."""
