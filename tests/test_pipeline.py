@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,13 +40,15 @@ def repo(reproduced, tmp_path):
 @pytest.fixture(scope="session")
 def branches(reproduced, tmp_path_factory):
     """A copy with branch `more-epochs` (train.epochs 1 -> 2) reproduced and committed
-    on top of `main`. Tests only read it."""
+    on top of `main`: .repo, and the .status and .output of `dvc status` and `dvc repro`
+    after the edit. Tests only read it."""
     copy = copy_reproduced(reproduced, tmp_path_factory.mktemp("branches") / "project")
     sh(copy, "git", "checkout", "-q", "-b", "more-epochs")
     edit_params(copy / "params.yaml", train__epochs=2)
-    sh(copy, "dvc", "repro")
+    status = sh(copy, "dvc", "status")
+    output = sh(copy, "dvc", "repro")
     commit(copy, "two epochs")
-    return copy
+    return SimpleNamespace(repo=copy, status=status, output=output)
 
 
 def test_repro_runs_every_stage_once_then_nothing(reproduced, repo):
@@ -78,13 +81,11 @@ def test_a_forced_rerun_reproduces_the_lock_file_byte_for_byte(repo):
     assert (repo / "dvc.lock").read_bytes() == lock  # same weights -> same model.keras hash
 
 
-def test_changing_epochs_reruns_only_train_and_what_follows(repo):
-    edit_params(repo / "params.yaml", train__epochs=2)
-    status = " ".join(sh(repo, "dvc", "status").split())
+def test_changing_epochs_reruns_only_train_and_what_follows(branches):
+    status = " ".join(branches.status.split())
     assert "train: changed deps: params.yaml: modified: train.epochs" in status
-    output = sh(repo, "dvc", "repro")
-    assert sorted(ran_stages(output)) == ["evaluate", "export", "train"]
-    assert "Stage 'prepare' didn't change, skipping" in output
+    assert sorted(ran_stages(branches.output)) == ["evaluate", "export", "train"]
+    assert "Stage 'prepare' didn't change, skipping" in branches.output
 
 
 def test_changing_validation_split_reruns_prepare_and_what_follows(repo):
@@ -114,11 +115,12 @@ def test_a_rejected_param_fails_at_once_and_dvc_checkout_restores_the_model(repo
 
 
 def test_metrics_and_params_diff_between_branches(branches):
-    params = json.loads(sh(branches, "dvc", "params", "diff", "main", "--json"))
+    repo = branches.repo
+    params = json.loads(sh(repo, "dvc", "params", "diff", "main", "--json"))
     assert params == {"params.yaml": {"train.epochs": {"old": 1, "new": 2, "diff": 1}}}
-    old = json.loads(sh(branches, "git", "show", "main:data/evaluate/metrics.json"))
-    new = json.loads((branches / "data/evaluate/metrics.json").read_text())
-    metrics = json.loads(sh(branches, "dvc", "metrics", "diff", "main", "--all", "--json"))
+    old = json.loads(sh(repo, "git", "show", "main:data/evaluate/metrics.json"))
+    new = json.loads((repo / "data/evaluate/metrics.json").read_text())
+    metrics = json.loads(sh(repo, "dvc", "metrics", "diff", "main", "--all", "--json"))
     accuracy = metrics["data/evaluate/metrics.json"]["accuracy"]
     assert (accuracy["old"], accuracy["new"]) == (old["accuracy"], new["accuracy"])
     steps = metrics["data/train/metrics.json"]["step"]
@@ -126,7 +128,8 @@ def test_metrics_and_params_diff_between_branches(branches):
 
 
 def test_plots_diff_draws_both_revisions(branches):
-    plots = json.loads(sh(branches, "dvc", "plots", "diff", "main", "--json", "--split"))["data"]
+    repo = branches.repo
+    plots = json.loads(sh(repo, "dvc", "plots", "diff", "main", "--json", "--split"))["data"]
     assert {"Loss", "Accuracy", "data/evaluate/confusion.csv"} <= set(plots)
     assert set(plots["Loss"][0]["revisions"]) == {"main", "workspace"}
     images = sorted(k for k in plots if k.startswith("data/evaluate/plots/"))
@@ -136,25 +139,27 @@ def test_plots_diff_draws_both_revisions(branches):
 
 
 def test_report_gives_the_exact_accuracy_delta_and_the_changed_param(branches, tmp_path):
+    repo = branches.repo
     out = tmp_path / "report.md"
-    output = sh(branches, sys.executable, "-m", "tools.report", "--base", "main", "--out", out)
+    output = sh(repo, sys.executable, "-m", "tools.report", "--base", "main", "--out", out)
     text = out.read_text()
-    old = json.loads(sh(branches, "git", "show", "main:data/evaluate/metrics.json"))["accuracy"]
-    new = json.loads((branches / "data/evaluate/metrics.json").read_text())["accuracy"]
+    old = json.loads(sh(repo, "git", "show", "main:data/evaluate/metrics.json"))["accuracy"]
+    new = json.loads((repo / "data/evaluate/metrics.json").read_text())["accuracy"]
     assert f"| accuracy | {old:.4f} | {new:.4f} | {new - old:+.4f} |" in text
     assert "| `train.epochs` | 1 | 2 |" in text
     assert "report: **Test accuracy" in output
     for png in ("curves.png", "confusion.png", "errors.png"):
-        figure = branches / "data/evaluate/plots" / png
+        figure = repo / "data/evaluate/plots" / png
         assert f"({os.path.relpath(figure, tmp_path)})" in text
         assert figure.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_against_a_base_without_metrics_fails_clearly(branches):
-    first = sh(branches, "git", "rev-list", "--max-parents=0", "HEAD").strip()
+    repo = branches.repo
+    first = sh(repo, "git", "rev-list", "--max-parents=0", "HEAD").strip()
     result = subprocess.run(
         [sys.executable, "-m", "tools.report", "--base", first, "--out", os.devnull],
-        cwd=branches,
+        cwd=repo,
         capture_output=True,
         text=True,
         check=False,
