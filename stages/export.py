@@ -199,7 +199,6 @@ def format_runners(trained, onnx_file, saved_model):
 def export(trained, saved_model, onnx_file, x, labels, p):
     """Writes the float32 copy of `trained` as a SavedModel and an ONNX file, runs all
     formats on (x, labels) and checks parity; returns the metrics dict."""
-
     keras.utils.set_random_seed(0)  # Dropout's seed state is saved, though unused in serving
     model = float32_copy(trained)
     with ordered_saved_model_variables():
