@@ -1,0 +1,194 @@
+"""Regenerates the real-output samples of DVC commands in README.md and docs/*.md.
+
+Clones the committed HEAD into a scratch directory, brings in the baseline's outputs
+(pulled from the checkout's DVC cache, or reproduced with --repro), runs there the
+commands the docs show, and rewrites each block between `<!-- sample: NAME -->` and
+`<!-- /sample -->` with what sample NAME printed. Rerun it when the baseline changes:
+
+    python -m tools.docs_samples            # --check: report stale blocks, write nothing
+
+The comparison trains the `fast` preset (one epoch) twice; the baseline is never retrained
+unless --repro is given.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from stages.common import PipelineError, atomic_file, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+
+# A block: the opening marker, anything (the previous sample), the closing marker.
+BLOCK = re.compile(r"(<!-- sample: ([\w-]+) -->\n)(.*?)(<!-- /sample -->)", re.DOTALL)
+UNCLOSED = re.compile(r"<!-- sample: ([\w-]+) -->")
+
+# Columns `dvc exp show` keeps in the experiments sample.
+EXP_COLUMNS = "Experiment|^accuracy$|^errors$|^loss$|train.model|train.seed"
+
+
+def replace_samples(text, samples):
+    """Returns `text` with the body of every sample block set to samples[NAME], fenced.
+    Raises PipelineError for a block whose NAME has no sample or an unclosed marker."""
+    opened = UNCLOSED.findall(text)
+    closed = [m.group(2) for m in BLOCK.finditer(text)]
+    if opened != closed:
+        missing = next(name for name in opened if opened.count(name) != closed.count(name))
+        raise PipelineError(f"sample '{missing}' has no closing <!-- /sample --> marker")
+
+    def body(match):
+        name = match.group(2)
+        if name not in samples:
+            raise PipelineError(f"no sample named '{name}' (known: {', '.join(sorted(samples))})")
+        return f"{match.group(1)}```\n{samples[name].rstrip()}\n```\n{match.group(4)}"
+
+    return BLOCK.sub(body, text)
+
+
+def set_param(params_file, key, value):
+    """Rewrites one `key: value` line of a params.yaml section in place, keeping its
+    comment, as a user's edit would (dvc exp run -S does the same)."""
+    section, name = key.split(".")
+    lines = Path(params_file).read_text().splitlines(keepends=True)
+    current = None
+    for i, line in enumerate(lines):
+        if re.match(r"^\w", line):
+            current = line.split(":")[0]
+        elif current == section and re.match(rf"^\s+{name}:", line):
+            lines[i] = re.sub(rf"^(\s+{name}:\s*)\S+", rf"\g<1>{value}", line)
+            Path(params_file).write_text("".join(lines))
+            return
+    raise PipelineError(f"{params_file}: no key {key}")
+
+
+class Scratch:
+    """A clone of the project where the sample commands run; records what they print."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        bin_dir = str(Path(sys.executable).parent)  # DVC runs `python -m stages.X`
+        self.env = {
+            **os.environ,
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+            "DVC_NO_ANALYTICS": "1",
+            "GIT_AUTHOR_NAME": "docs", "GIT_AUTHOR_EMAIL": "docs@localhost",
+            "GIT_COMMITTER_NAME": "docs", "GIT_COMMITTER_EMAIL": "docs@localhost",
+            "COLUMNS": "200",  # DVC's tables are not wrapped
+        }
+
+    def run(self, command):
+        """Runs a shell command in the clone; returns its stdout, or raises on failure."""
+        print(f"docs_samples: $ {command}", file=sys.stderr, flush=True)
+        result = subprocess.run(command, shell=True, cwd=self.path, env=self.env,
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
+            raise PipelineError(f"`{command}` failed with exit code {result.returncode}: {last}")
+        return result.stdout
+
+    def shown(self, *commands):
+        """Runs the commands; returns them and their output as a `$ ...` transcript."""
+        out = []
+        for command in commands:
+            text = "\n".join(line.rstrip() for line in self.run(command).rstrip().splitlines())
+            out.append(f"$ {command}\n{text}" if text else f"$ {command}")
+        return "\n".join(out)
+
+
+def bring_baseline(scratch, cache, repro):
+    """Gives the clone the outputs dvc.lock names: from `cache` (a DVC cache or remote),
+    else, with `repro`, by reproducing them."""
+    if cache.is_dir():
+        scratch.run(f"dvc remote add --local baseline {cache}")
+        try:
+            scratch.run("dvc pull --remote baseline")
+        except PipelineError:
+            if not repro:
+                raise
+    elif not repro:
+        raise PipelineError(f"no DVC cache at {cache}; reproduce the baseline there first, or pass --repro")
+    if repro:
+        scratch.run("dvc repro")
+    status = scratch.run("dvc status").strip()
+    if status != "Data and pipelines are up to date.":
+        raise PipelineError(f"the clone's outputs do not match dvc.lock: {status.splitlines()[0]}")
+
+
+def collect(scratch):
+    """Runs every sample's commands in the clone; returns {NAME: transcript}."""
+    samples = {}
+    params = scratch.path / "params.yaml"
+
+    set_param(params, "train.epochs", 15)
+    samples["status-epochs"] = scratch.shown("dvc status")
+    scratch.run("git checkout -- params.yaml")
+
+    scratch.run("git checkout -q -b fast")
+    set_param(params, "train.model", "fast")
+    scratch.run("dvc repro")
+    samples["metrics-diff"] = scratch.shown("dvc metrics diff main", "dvc params diff main")
+    samples["per-class-diff"] = scratch.shown("dvc metrics diff main data/evaluate/per_class.json")
+    samples["report"] = scratch.shown("python -m tools.report --base main")
+    scratch.run("git checkout -- params.yaml && git checkout -q main && dvc checkout --quiet")
+
+    scratch.run("dvc exp run -n fast -S train.model=fast")
+    scratch.run("dvc exp run -n fast-seed-1 -S train.model=fast -S train.seed=1")
+    samples["exp-show"] = scratch.shown(f"dvc exp show --drop '.*' --keep '{EXP_COLUMNS}'")
+    scratch.run("git checkout -- params.yaml && dvc checkout --quiet")
+
+    remote = scratch.path.parent / "remote"
+    scratch.run(f"dvc remote add --local -d team {remote}")
+    samples["push"] = scratch.shown("dvc push")
+    other = Scratch(scratch.path.parent / "other")
+    subprocess.run(["git", "clone", "--quiet", str(scratch.path), str(other.path)], check=True)
+    other.run(f"dvc remote add --local -d team {remote}")
+    samples["pull"] = other.shown("dvc pull", "dvc status")
+    return samples
+
+
+def rewrite_docs(samples, check):
+    """Rewrites the sample blocks of the docs; returns the files that changed (or would)."""
+    changed = []
+    for name in DOCS:
+        path = ROOT / name
+        text = path.read_text()
+        new = replace_samples(text, samples)
+        if new != text:
+            changed.append(name)
+            if not check:
+                with atomic_file(path) as tmp:
+                    tmp.write_text(new)
+    return changed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=ROOT / ".dvc" / "cache",
+                        help="DVC cache or remote holding the baseline's outputs (default: this checkout's cache)")
+    parser.add_argument("--repro", action="store_true", help="reproduce the baseline in the clone when it cannot be pulled")
+    parser.add_argument("--check", action="store_true", help="list the files whose samples are stale; write nothing")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="docs-samples-"))
+    try:
+        subprocess.run(["git", "clone", "--quiet", str(ROOT), str(work / "project")], check=True)
+        scratch = Scratch(work / "project")
+        bring_baseline(scratch, args.cache.resolve(), args.repro)
+        samples = collect(scratch)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    changed = rewrite_docs(samples, args.check)
+    verb = "stale" if args.check else "rewrote"
+    print(f"docs_samples: {verb}: {', '.join(changed) or 'nothing'}")
+    if args.check and changed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)
