@@ -133,7 +133,7 @@ def collect(scratch):
     set_param(params, "train.model", "fast")
     scratch.run("dvc repro")
     samples["metrics-diff"] = scratch.shown("dvc metrics diff main", "dvc params diff main")
-    samples["per-class-diff"] = scratch.shown("dvc metrics diff main data/evaluate/per_class.json")
+    samples["per-class-diff"] = scratch.shown("dvc metrics diff main --targets data/evaluate/per_class.json")
     samples["report"] = scratch.shown("python -m tools.report --base main")
     scratch.run("git checkout -- params.yaml && git checkout -q main && dvc checkout --quiet")
 
