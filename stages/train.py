@@ -17,14 +17,32 @@ import hashlib
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from stages import params
 from stages.common import PipelineError, run_cli
 
-if __name__ == "__main__":
-    # A bad param fails in about a second, before TensorFlow's start-up below.
-    run_cli(lambda _: params.load("train"))
+
+class Params(params.Section):
+    section = "train"
+
+    model: Literal["reference", "compact", "best", "fast"]  # a preset of stages/models.py
+    seed: int = Field(ge=0)
+    # None: the preset's own value (stages/models.py RECIPES)
+    epochs: int | None = Field(ge=1)
+    batch_size: int | None = Field(ge=1)  # global: split across replicas
+    learning_rate: float | None = Field(gt=0)  # the optimizer's (peak) rate
+    mixed_precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
+    jit_compile: Literal["auto", True, False]
+    deterministic: bool
+    distribute: Literal["auto", "none", "mirrored"]
+
+
+params.check_early(__name__, Params)
 
 import keras
 import numpy as np
@@ -94,10 +112,27 @@ def make_strategy(setting, gpus):
 
 def seed_everything(seed, deterministic):
     keras.utils.set_random_seed(seed)  # Python, NumPy and backend RNGs
-    if deterministic and keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+    if keras.backend.backend() == "tensorflow":
+        # Process-wide: set both ways, so that one process can train with and without.
+        from tensorflow.python.framework import config  # tf.config can only enable it
 
-        tf.config.experimental.enable_op_determinism()
+        if deterministic:
+            config.enable_op_determinism()
+        else:
+            config.disable_op_determinism()
+
+
+def with_recipe(p):
+    """p with each of epochs, batch_size and learning_rate that is None replaced by the
+    preset's own value, so that `-S train.model=X` alone is a sound run of preset X."""
+    recipe = models.RECIPES[p.model]
+    return p.model_copy(
+        update={
+            key: getattr(recipe, key)
+            for key in ("epochs", "batch_size", "learning_rate")
+            if getattr(p, key) is None
+        }
+    )
 
 
 def fingerprint(p, data):
@@ -143,10 +178,12 @@ def compile_model(p, steps_per_epoch):
 
 
 def train_model(data, p, callbacks=(), verbose="auto"):
-    """Builds, compiles and fits preset p.model; returns the trained model.
+    """Builds, compiles and fits preset p.model (None settings: the preset's own);
+    returns the trained model.
 
     verbose="auto": Keras' live progress bar on a terminal, one line per epoch otherwise
     (CI logs, `dvc exp run --queue`, a file)."""
+    p = with_recipe(p)
     gpus = list_gpus()
     print(f"train: backend {keras.backend.backend()}, GPUs: {gpus or 'none, using the CPU'}")
     seed_everything(p.seed, p.deterministic)
@@ -164,6 +201,7 @@ def train_model(data, p, callbacks=(), verbose="auto"):
     has_val = len(data["x_val"]) > 0
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
+    start = time.perf_counter()
     model.fit(
         data["x_train"],
         keras.utils.to_categorical(data["y_train"], NUM_CLASSES),
@@ -177,7 +215,27 @@ def train_model(data, p, callbacks=(), verbose="auto"):
         callbacks=list(callbacks),
         verbose=verbose,
     )
+    print(f"train: fit took {time.perf_counter() - start:.2f} s")
     return model
+
+
+def settings_of(model, p):
+    """What a trained model was trained with, `auto` and the preset's defaults resolved:
+    recorded in the .keras file, because the run cache keys on params.yaml's words, so a
+    model restored on another machine was trained where `auto` may have meant otherwise."""
+    p = with_recipe(p)
+    strategy = getattr(model, "distribute_strategy", None)  # TensorFlow backend only
+    return {
+        "backend": keras.backend.backend(),
+        "devices": list_gpus() or ["cpu"],
+        "replicas": strategy.num_replicas_in_sync if strategy is not None else 1,
+        "precision": model.dtype_policy.name,
+        "jit_compile": bool(model.jit_compile),
+        "deterministic": p.deterministic,
+        "epochs": p.epochs,
+        "batch_size": p.batch_size,
+        "learning_rate": p.learning_rate,
+    }
 
 
 class LogToLive(keras.callbacks.Callback):
@@ -230,9 +288,9 @@ def main(argv=None):
     parser.add_argument("--live", required=True, help="dvclive output directory")
     parser.add_argument("--checkpoint", required=True, help="resume directory")
     args = parser.parse_args(argv)
-    p = params.load("train")
+    p = params.load(Params)
     data = load_prepared(args.data, splits=("train", "val"))
-    fp = fingerprint(p, data)
+    fp = fingerprint(with_recipe(p), data)
     resume = can_resume(args.checkpoint, fp)
     epochs_done = resumed_epoch(args.checkpoint) if resume else 0
     if resume:
@@ -246,7 +304,7 @@ def main(argv=None):
     # after its first epoch at step 1 twice).
     live.step = 1 + epochs_done
     model = train_model(data, p, make_callbacks(live, args.checkpoint))
-    models.save_model(model, args.model)
+    models.save_model(model, args.model, training=settings_of(model, p))
     # Finished: BackupAndRestore has deleted its backup; drop the stamp and the folder too,
     # so nothing from this run can leak into the next one.
     shutil.rmtree(args.checkpoint)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MIRROR = ROOT.parent / "shared" / "datasets" / "mnist"  # CI lays shared/ there
@@ -29,7 +30,7 @@ def find_mnist():
         from stages.common import PipelineError
 
         try:
-            fetch.fetch(params.load("fetch", ROOT / "params.yaml").mirrors, cache, timeout_s=20)
+            fetch.fetch(params.load(fetch.Params, ROOT / "params.yaml").mirrors, cache, timeout_s=20)
         except PipelineError as e:
             return cache, f"MNIST not found and not downloadable ({e})"
     return cache, None
@@ -125,13 +126,20 @@ def run_stage(module, *args, env=None, cwd=None, check=True):
 
 
 @pytest.fixture(autouse=True)
-def float32_after_each_test():
-    """train_model sets Keras' global dtype policy (mixed_bfloat16 on this CPU); puts it
-    back after each test, so that no test depends on which ran before it in its process
-    (`make test` spreads the tests over processes in an order that varies)."""
+def fresh_backend_state():
+    """train_model sets process-wide state: Keras' dtype policy (mixed_bfloat16 on this
+    CPU), TensorFlow's op determinism, the global seeds. Puts each back after every test,
+    so that no test depends on which ran before it in its process (`make test` spreads the
+    tests over processes in an order that varies)."""
     yield
     if "keras" in sys.modules:  # never imports Keras for a test that did not
-        sys.modules["keras"].mixed_precision.set_dtype_policy("float32")
+        keras = sys.modules["keras"]
+        keras.mixed_precision.set_dtype_policy("float32")
+        keras.backend.clear_session()
+    if "tensorflow" in sys.modules:
+        from tensorflow.python.framework import config  # its public API can only enable
+
+        config.disable_op_determinism()
 
 
 @pytest.fixture
@@ -143,15 +151,15 @@ def workdir(tmp_path, monkeypatch):
 
 # --- the real pipeline, run with `dvc` as a user runs it --------------------------------
 
-# The pipeline on 500 real MNIST images for the tests that run `dvc`: the `fast` preset for
-# one epoch, so that train, evaluate and export (each over the 10,000 test images) take
-# seconds. Accuracies are low and beside the point.
+# The pipeline on 500 real MNIST training and 500 test images for the tests that run `dvc`:
+# the `fast` preset with its own one epoch and learning rate, in batches of 64 (its 512 is
+# one step here), so that train, evaluate and export take seconds. Accuracies are low and
+# beside the point.
 TINY_PIPELINE = {
     "prepare__train_size": 500,
+    "prepare__test_size": 500,
     "train__model": "fast",
-    "train__epochs": 1,
     "train__batch_size": 64,
-    "train__learning_rate": 0.01,  # Adam's peak; the default 1.0 is the reference's Adadelta
     "evaluate__gallery_size": 8,
 }
 
@@ -205,11 +213,10 @@ def commit(repo, message):
     sh(repo, "git", "commit", "-qm", message)
 
 
-@pytest.fixture(scope="session")
-def reproduced(tmp_path_factory):
-    """A git + DVC project on TINY_PIPELINE, reproduced once and committed as `main`;
-    returns (path, the output of that `dvc repro`). Tests copy it, never change it."""
-    repo = copy_project(tmp_path_factory.mktemp("reproduced") / "project")
+def build_reproduced(repo):
+    """A git + DVC project on TINY_PIPELINE at `repo`, reproduced and committed as `main`;
+    returns the output of its `dvc repro`."""
+    copy_project(repo)
     edit_params(repo / "params.yaml", **TINY_PIPELINE)
     sh(repo, "git", "init", "-q", "-b", "main")
     git_identity(repo)
@@ -217,7 +224,25 @@ def reproduced(tmp_path_factory):
     commit(repo, "project")
     output = sh(repo, "dvc", "repro")
     commit(repo, "baseline")
-    return repo, output
+    return output
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory, worker_id):
+    """The TINY_PIPELINE project, reproduced once per test run, shared by all pytest-xdist
+    workers (pytest-xdist's documented file-lock recipe): (path, output of `dvc repro`).
+    Tests copy it, never change it."""
+    if worker_id == "master":  # plain pytest, one process
+        repo = tmp_path_factory.mktemp("reproduced") / "project"
+        return repo, build_reproduced(repo)
+    shared = tmp_path_factory.getbasetemp().parent  # the same for every worker of this run
+    repo, log = shared / "reproduced" / "project", shared / "reproduced" / "repro.log"
+    with FileLock(str(shared / "reproduced.lock")):
+        if not log.exists():
+            shutil.rmtree(repo, ignore_errors=True)  # from a worker that died building it
+            output = build_reproduced(repo)
+            log.write_text(output)
+    return repo, log.read_text()
 
 
 def copy_reproduced(reproduced, dest):

@@ -1,5 +1,6 @@
 """Metrics math, the error gallery's order, and the figures, on hand-checkable data."""
 
+import json
 import math
 
 import numpy as np
@@ -26,22 +27,23 @@ def test_metrics_on_a_hand_checked_confusion():
     labels = np.array([0, 0, 1, 2])
     probs = one_hot_probs([0, 1, 1, 1], [0.9, 0.6, 0.8, 0.7])
     m = evaluate.compute_metrics(labels, probs)
-    assert m["accuracy"] == 0.5
-    assert m["errors"] == 2
-    assert m["per_class"]["0"] == {
+    true_class_p = [0.9, 0.4 / 9, 0.8, 0.3 / 9]
+    assert m == {"accuracy": 0.5, "errors": 2, "loss": pytest.approx(-np.mean(np.log(true_class_p)))}
+    per_class = evaluate.per_class_metrics(labels, probs)
+    assert per_class["0"] == {
         "precision": 1.0,
         "recall": 0.5,
         "f1": pytest.approx(2 / 3),
         "support": 2,
     }
-    assert m["per_class"]["1"] == {
+    assert per_class["1"] == {
         "precision": pytest.approx(1 / 3),
         "recall": 1.0,
         "f1": 0.5,
         "support": 1,
     }
-    assert m["per_class"]["2"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
-    assert m["per_class"]["9"]["support"] == 0
+    assert per_class["2"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert per_class["9"]["support"] == 0
     # Probability of the true class: 0.9, 0.4/9, 0.8, 0.3/9.
     want = -(math.log(0.9) + math.log(0.4 / 9) + math.log(0.8) + math.log(0.3 / 9)) / 4
     assert m["loss"] == pytest.approx(want)
@@ -93,8 +95,20 @@ def test_outputs_are_written_together_as_valid_pngs(tmp_path):
         images,
         evaluate.read_history(tmp_path / "live"),
         gallery_size=4,
+        dtype_policy="mixed_bfloat16",
     )
-    assert metrics["errors"] == 7
+    confidence = np.linspace(0.5, 0.99, 20)
+    wrong = np.arange(20) % 3 == 0
+    true_class_p = np.where(wrong, (1 - confidence) / 9, confidence)
+    assert metrics == {
+        "accuracy": 13 / 20,
+        "loss": pytest.approx(-np.log(true_class_p).mean()),
+        "errors": 7,
+        "dtype_policy": "mixed_bfloat16",
+    }
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
+    per_class = json.loads((tmp_path / "out" / "per_class.json").read_text())
+    assert [per_class[str(c)]["support"] for c in range(10)] == [2] * 10
     confusion = pd.read_csv(tmp_path / "out" / "confusion.csv")
     assert confusion.columns.tolist() == ["actual", "predicted"] and len(confusion) == 20
     for name in ("confusion.png", "curves.png", "errors.png"):

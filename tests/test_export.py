@@ -34,7 +34,6 @@ TINY_TRAIN = {
     "train__model": "compact",  # BatchNorm: folded or not, the exports must match
     "train__epochs": 1,
     "train__batch_size": 32,
-    "train__learning_rate": 0.005,  # Adam's; the default 1.0 is for the reference's Adadelta
     "train__mixed_precision": "mixed_bfloat16",  # as trained on a CPU with bf16
 }
 
@@ -77,8 +76,13 @@ def test_export_writes_float32_onnx_and_saved_model_with_parity_figures(trained,
     out = tmp_path / "export"
     with contextlib.chdir(trained):
         export.main(export_args(trained, out))
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.onnx", "saved_model"]
-    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics.json",
+        "model.onnx",
+        "parity.json",
+        "saved_model",
+    ]
+    metrics = json.loads((out / "parity.json").read_text())
     assert metrics["precision"] == "mixed_bfloat16"
     for name in ("onnx", "saved_model"):
         parity = metrics["parity"][name]
@@ -92,6 +96,12 @@ def test_export_writes_float32_onnx_and_saved_model_with_parity_figures(trained,
     assert accuracy["onnx"] * 64 == round(accuracy["onnx"] * 64)  # a count of 64 images
     assert metrics["size_bytes"]["onnx"] == (out / "model.onnx").stat().st_size
     assert metrics["size_bytes"]["keras"] == (trained / "model/model.keras").stat().st_size
+    # The headline, for `dvc metrics diff` and `dvc exp show`: three numbers.
+    assert json.loads((out / "metrics.json").read_text()) == {
+        "differing_classes": 0,
+        "max_abs_diff": max(metrics["parity"][f]["max_abs_diff"] for f in ("onnx", "saved_model")),
+        "max_abs_diff_vs_trained": as_trained["max_abs_diff"],
+    }
     assert capsys.readouterr().out.startswith(
         f"export: {out / 'model.onnx'} and {out / 'saved_model'}: 100.00% of 64 test classes agree"
     )
@@ -142,7 +152,9 @@ def test_the_same_model_exports_to_the_same_bytes(trained, tmp_path):
     for run in ("first", "second"):
         run_stage("export", *export_args(trained, tmp_path / run), cwd=trained)
     first = digests(tmp_path / "first")
-    assert {"model.onnx", "metrics.json", "saved_model/saved_model.pb"} <= set(first)
+    assert {"model.onnx", "metrics.json", "parity.json", "saved_model/saved_model.pb"} <= set(
+        first
+    )
     assert first == digests(tmp_path / "second")
 
 
@@ -173,12 +185,10 @@ def test_tampered_onnx_fails_the_parity_check_and_writes_nothing(
 
 
 def test_float32_export_further_from_the_bf16_model_than_allowed_fails(trained, tmp_path, capsys):
-    edit_params(trained / "params.yaml", export__precision_tolerance=1e-9)
-    try:
-        with contextlib.chdir(trained), pytest.raises(SystemExit):
-            run_cli(export.main, export_args(trained, tmp_path / "export"))
-    finally:
-        edit_params(trained / "params.yaml", export__precision_tolerance=0.05)
+    # Its own params.yaml, in its own directory: the shared `trained` stays as it is.
+    write_params(tmp_path / "params.yaml", trained / "params.yaml", export__precision_tolerance=1e-9)
+    with contextlib.chdir(tmp_path), pytest.raises(SystemExit):
+        run_cli(export.main, export_args(trained, tmp_path / "export"))
     error = capsys.readouterr().err
     assert error.startswith(
         "Error: the float32 ONNX export is further from the model as trained than precision "
@@ -224,9 +234,12 @@ def test_a_bad_export_param_fails_before_tensorflow_loads(tmp_path):
 def test_paths_of_the_exports_agree_across_dvc_yaml_and_the_code():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     paths = dvc["vars"][0]
-    assert predict.ONNX_FILE == export.ONNX_FILE
     outs = dvc["stages"]["export"]["outs"]
-    assert outs == [f"${{exported}}/{export.ONNX_FILE}", f"${{exported}}/{export.SAVED_MODEL}"]
+    assert outs == [
+        f"${{exported}}/{export.ONNX_FILE}",
+        f"${{exported}}/{export.SAVED_MODEL}",
+        {f"${{exported}}/{export.PARITY}": {"cache": False}},
+    ]
     assert list(dvc["stages"]["export"]["metrics"][0]) == [f"${{exported}}/{export.METRICS}"]
     # The model registry reads artifacts' paths literally (no ${} there).
     artifacts = dvc["artifacts"]
@@ -247,10 +260,11 @@ def test_dvc_repro_runs_export_after_train_and_only_when_its_inputs_change(repro
     repo = copy_reproduced(reproduced, tmp_path / "project")
     metrics = json.loads(sh(repo, "dvc", "metrics", "show", "--json"))
     exported = metrics[""]["data"]["data/export/metrics.json"]["data"]
-    assert exported["parity"]["onnx"]["images"] == 10_000
-    assert exported["parity"]["onnx"]["differing_classes"] == 0
+    assert exported["differing_classes"] == 0
+    parity = json.loads((repo / "data/export/parity.json").read_text())["parity"]
+    assert parity["onnx"]["images"] == 500  # prepare.test_size
     tracked = sh(repo, "git", "ls-files", "data/export").split()
-    assert "data/export/metrics.json" in tracked  # the model is DVC's
+    assert {"data/export/metrics.json", "data/export/parity.json"} <= set(tracked)
     assert not [f for f in tracked if f.endswith(".onnx") or "saved_model" in f]
 
     # The model registry without DVC Studio: tag a version with GTO, fetch it by version

@@ -6,11 +6,16 @@ import sys
 
 import pytest
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
-from stages import params
+from stages import evaluate, export, fetch, params, prepare, train
 from stages.common import PipelineError
 from tests.conftest import ROOT, run_stage, write_params
+
+SCHEMAS = {
+    s.section: s
+    for s in (fetch.Params, prepare.Params, train.Params, evaluate.Params, export.Params)
+}
 
 
 def section(name):
@@ -18,16 +23,21 @@ def section(name):
 
 
 def test_the_committed_params_are_valid():
-    for name in params.SECTIONS:
-        params.validate(name, section(name))
+    for name, schema in SCHEMAS.items():
+        params.validate(schema, section(name))
 
 
 @pytest.mark.parametrize(
     "name, key, value, message",
     [
-        ("train", "epochs", 0, "train.epochs must be an integer >= 1, got 0"),
-        ("train", "batch_size", "big", "train.batch_size must be an integer >= 1, got 'big'"),
-        ("train", "epochs", True, "train.epochs must be an integer >= 1, got True"),
+        ("train", "epochs", 0, "train.epochs must be an integer >= 1 or null, got 0"),
+        (
+            "train",
+            "batch_size",
+            "big",
+            "train.batch_size must be an integer >= 1 or null, got 'big'",
+        ),
+        ("train", "epochs", True, "train.epochs must be an integer >= 1 or null, got True"),
         (
             "prepare",
             "validation_split",
@@ -52,7 +62,12 @@ def test_the_committed_params_are_valid():
             "yes",
             "train.jit_compile must be one of auto, true, false, got 'yes'",
         ),
-        ("train", "learning_rate", -1, "train.learning_rate must be a number > 0, got -1"),
+        (
+            "train",
+            "learning_rate",
+            -1,
+            "train.learning_rate must be a number > 0 or null, got -1",
+        ),
         ("fetch", "mirrors", [], "fetch.mirrors must be a non-empty list of http(s) URLs, got []"),
         (
             "fetch",
@@ -80,31 +95,70 @@ def test_the_committed_params_are_valid():
 def test_invalid_values_name_the_key_and_what_is_allowed(name, key, value, message):
     values = {**section(name), key: value}
     with pytest.raises(PipelineError) as error:
-        params.validate(name, values)
+        params.validate(SCHEMAS[name], values)
     assert str(error.value) == f"params.yaml: {message}"
 
 
 def test_unknown_and_missing_keys():
     with pytest.raises(PipelineError) as error:
-        params.validate("prepare", {**section("prepare"), "shuffle": True})
+        params.validate(prepare.Params, {**section("prepare"), "shuffle": True})
     assert str(error.value) == (
-        "params.yaml: unknown key prepare.shuffle; allowed keys: train_size, validation_split"
+        "params.yaml: unknown key prepare.shuffle; "
+        "allowed keys: train_size, validation_split, test_size"
     )
     with pytest.raises(PipelineError) as error:
-        params.validate("prepare", {"train_size": None})
+        params.validate(prepare.Params, {"train_size": None, "test_size": None})
     assert str(error.value) == "params.yaml: missing key prepare.validation_split"
 
 
+def test_every_bad_key_is_named_at_once_in_one_line():
+    values = {**section("train"), "epochs": 0, "seed": -1, "momentum": 0.9}
+    with pytest.raises(PipelineError) as error:
+        params.validate(train.Params, values)
+    assert str(error.value) == (
+        "params.yaml: train.seed must be an integer >= 0, got -1; "
+        "train.epochs must be an integer >= 1 or null, got 0; "
+        "unknown key train.momentum; allowed keys: model, seed, epochs, batch_size, "
+        "learning_rate, mixed_precision, jit_compile, deterministic, distribute"
+    )
+
+
+class Limits(params.Section):
+    section = "demo"
+
+    below: float = Field(le=5)
+    open_range: float = Field(gt=0, lt=1)
+    name: str
+    flag: bool | None
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("below", 6.0, "demo.below must be a number <= 5, got 6.0"),
+        ("open_range", 1.0, "demo.open_range must be a number in (0, 1), got 1.0"),
+        ("name", 3, "demo.name must be a string, got 3"),
+        ("flag", "no", "demo.flag must be true or false or null, got 'no'"),
+    ],
+)
+def test_any_declaration_is_described_from_its_schema(key, value, message):
+    values = {"below": 1.0, "open_range": 0.5, "name": "x", "flag": None, key: value}
+    with pytest.raises(PipelineError) as error:
+        params.validate(Limits, values)
+    assert str(error.value) == f"params.yaml: {message}"
+
+
 def test_valid_values_become_a_frozen_object():
-    p = params.validate("prepare", {"train_size": 5000, "validation_split": 0})
-    assert (p.train_size, p.validation_split) == (5000, 0)
+    values = {"train_size": 5000, "validation_split": 0, "test_size": None}
+    p = params.validate(prepare.Params, values)
+    assert (p.train_size, p.validation_split, p.test_size) == (5000, 0, None)
     with pytest.raises(ValidationError, match="frozen"):
         p.train_size = 1
 
 
 def test_missing_params_file(workdir):
     with pytest.raises(PipelineError) as error:
-        params.load("train")
+        params.load(train.Params)
     assert str(error.value) == "params.yaml not found; run the stage from the project root"
 
 
@@ -125,14 +179,16 @@ def test_a_stage_with_a_bad_param_exits_1_with_one_line_and_writes_nothing(workd
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "Error: params.yaml: train.epochs must be an integer >= 1, got 0"
+        "Error: params.yaml: train.epochs must be an integer >= 1 or null, got 0"
     )
     assert sorted(p.name for p in workdir.iterdir()) == ["params.yaml"]
 
 
-@pytest.mark.parametrize("stage", ["train", "evaluate"])
+@pytest.mark.parametrize("stage", ["train", "evaluate", "export"])
 def test_a_bad_param_stops_the_stage_before_tensorflow_is_imported(workdir, stage):
-    write_params(workdir / "params.yaml", train__epochs=0, evaluate__batch_size=0)
+    write_params(
+        workdir / "params.yaml", train__epochs=0, evaluate__batch_size=0, export__batch_size=0
+    )
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", f"stages.{stage}"],
         cwd=workdir,
