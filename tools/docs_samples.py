@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 
 # A block: the opening marker, anything (the previous sample), the closing marker.
-BLOCK = re.compile(r"(<!-- sample: ([\w-]+) -->\n)(.*?)(<!-- /sample -->)", re.DOTALL)
-UNCLOSED = re.compile(r"<!-- sample: ([\w-]+) -->")
+BLOCK = re.compile(r"(<!-- sample: ([\w-]+) -->\n)((?:(?!<!-- sample:).)*?)(<!-- /sample -->)", re.DOTALL)
+OPENING = re.compile(r"<!-- sample: ([\w-]+) -->")
+# What collect() produces; the docs' markers may name only these.
+SAMPLES = ("status-epochs", "metrics-diff", "per-class-diff", "report", "exp-show", "push", "pull")
 
 # Columns `dvc exp show` keeps in the experiments sample.
 EXP_COLUMNS = "Experiment|^accuracy$|^errors$|^loss$|train.model|train.seed"
@@ -36,7 +38,7 @@ EXP_COLUMNS = "Experiment|^accuracy$|^errors$|^loss$|train.model|train.seed"
 def replace_samples(text, samples):
     """Returns `text` with the body of every sample block set to samples[NAME], fenced.
     Raises PipelineError for a block whose NAME has no sample or an unclosed marker."""
-    opened = UNCLOSED.findall(text)
+    opened = OPENING.findall(text)
     closed = [m.group(2) for m in BLOCK.finditer(text)]
     if opened != closed:
         missing = next(name for name in opened if opened.count(name) != closed.count(name))
@@ -149,6 +151,7 @@ def collect(scratch):
     subprocess.run(["git", "clone", "--quiet", str(scratch.path), str(other.path)], check=True)
     other.run(f"dvc remote add --local -d team {remote}")
     samples["pull"] = other.shown("dvc pull", "dvc status")
+    assert set(samples) == set(SAMPLES), f"collect() made {sorted(samples)}, SAMPLES names {sorted(SAMPLES)}"
     return samples
 
 
