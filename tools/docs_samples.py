@@ -29,7 +29,7 @@ DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").g
 BLOCK = re.compile(r"(<!-- sample: ([\w-]+) -->\n)((?:(?!<!-- sample:).)*?)(<!-- /sample -->)", re.DOTALL)
 OPENING = re.compile(r"<!-- sample: ([\w-]+) -->")
 # What collect() produces; the docs' markers may name only these.
-SAMPLES = ("status-epochs", "metrics-diff", "per-class-diff", "report", "exp-show", "push", "pull")
+SAMPLES = ("compare", "per-class-diff", "exp-show", "push", "pull")
 
 # Columns `dvc exp show` keeps in the experiments sample.
 EXP_COLUMNS = "Experiment|^accuracy$|^errors$|^loss$|train.model|train.seed"
@@ -103,10 +103,18 @@ class Scratch:
         return "\n".join(out)
 
 
-def bring_baseline(scratch, cache, repro):
+def bring_baseline(scratch, cache, repro, overrides=()):
     """Gives the clone the outputs dvc.lock names: from `cache` (a DVC cache or remote),
-    else, with `repro`, by reproducing them."""
-    if cache.is_dir():
+    else, with `repro`, by reproducing them. `overrides` (KEY=VALUE) change the clone's
+    params first and imply `repro`; the reproduced baseline is committed in the clone, so
+    that its `main` is what the samples compare against."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        set_param(scratch.path / "params.yaml", key, value)
+    if overrides:
+        scratch.run("git commit -qam 'docs_samples: params overrides'")
+        repro = True
+    elif cache.is_dir():
         scratch.run(f"dvc remote add --local baseline {cache}")
         try:
             scratch.run("dvc pull --remote baseline")
@@ -117,6 +125,7 @@ def bring_baseline(scratch, cache, repro):
         raise PipelineError(f"no DVC cache at {cache}; reproduce the baseline there first, or pass --repro")
     if repro:
         scratch.run("dvc repro")
+        scratch.run("git add -A && (git diff --cached --quiet || git commit -qm 'docs_samples: baseline')")
     status = scratch.run("dvc status").strip()
     if status != "Data and pipelines are up to date.":
         raise PipelineError(f"the clone's outputs do not match dvc.lock: {status.splitlines()[0]}")
@@ -127,19 +136,16 @@ def collect(scratch):
     samples = {}
     params = scratch.path / "params.yaml"
 
-    set_param(params, "train.epochs", 15)
-    samples["status-epochs"] = scratch.shown("dvc status")
-    scratch.run("git checkout -- params.yaml")
-
     scratch.run("git checkout -q -b fast")
     set_param(params, "train.model", "fast")
+    status = scratch.shown("dvc status")
     scratch.run("dvc repro")
-    samples["metrics-diff"] = scratch.shown("dvc metrics diff main", "dvc params diff main")
+    compared = scratch.shown("dvc metrics diff main", "dvc params diff main", "python -m tools.report --base main")
+    samples["compare"] = f"{status}\n{compared}"
     samples["per-class-diff"] = scratch.shown("dvc metrics diff main --targets data/evaluate/per_class.json")
-    samples["report"] = scratch.shown("python -m tools.report --base main")
     scratch.run("git checkout -- params.yaml && git checkout -q main && dvc checkout --quiet")
 
-    scratch.run("dvc exp run -n fast -S train.model=fast")
+    scratch.run("dvc exp run -n fast-seed-42 -S train.model=fast")
     scratch.run("dvc exp run -n fast-seed-1 -S train.model=fast -S train.seed=1")
     samples["exp-show"] = scratch.shown(f"dvc exp show --drop '.*' --keep '{EXP_COLUMNS}'")
     scratch.run("git checkout -- params.yaml && dvc checkout --quiet")
@@ -176,16 +182,23 @@ def main(argv=None):
                         help="DVC cache or remote holding the baseline's outputs (default: this checkout's cache)")
     parser.add_argument("--repro", action="store_true", help="reproduce the baseline in the clone when it cannot be pulled")
     parser.add_argument("--check", action="store_true", help="list the files whose samples are stale; write nothing")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params override for a quick check of this script (e.g. prepare.train_size=500): "
+                             "reproduces that baseline, prints the samples, writes nothing")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="docs-samples-"))
     try:
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(work / "project")], check=True)
         scratch = Scratch(work / "project")
-        bring_baseline(scratch, args.cache.resolve(), args.repro)
+        bring_baseline(scratch, args.cache.resolve(), args.repro, args.set)
         samples = collect(scratch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.set:
+        for name, text in samples.items():
+            print(f"<!-- sample: {name} -->\n{text}\n<!-- /sample -->")
+        return
     changed = rewrite_docs(samples, args.check)
     verb = "stale" if args.check else "rewrote"
     print(f"docs_samples: {verb}: {', '.join(changed) or 'nothing'}")
