@@ -1,5 +1,6 @@
 """Shared test helpers: the project root, params files with overrides, tiny datasets."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -227,22 +228,31 @@ def build_reproduced(repo):
     return output
 
 
+def build_once(tmp_path_factory, worker_id, name, build):
+    """Runs build(directory) -> dict of strings once per test run, whatever the number of
+    pytest-xdist workers (its documented file-lock recipe), and returns (directory, dict).
+    The directory is shared: tests copy it, never change it."""
+    if worker_id == "master":  # plain pytest, one process
+        directory = tmp_path_factory.mktemp(name) / "project"
+        return directory, build(directory)
+    shared = tmp_path_factory.getbasetemp().parent / name  # the same for every worker
+    directory, record = shared / "project", shared / "build.json"
+    shared.mkdir(exist_ok=True)
+    with FileLock(str(shared / "build.lock")):
+        if not record.exists():
+            shutil.rmtree(directory, ignore_errors=True)  # from a worker that died building it
+            record.write_text(json.dumps(build(directory)))
+    return directory, json.loads(record.read_text())
+
+
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory, worker_id):
-    """The TINY_PIPELINE project, reproduced once per test run, shared by all pytest-xdist
-    workers (pytest-xdist's documented file-lock recipe): (path, output of `dvc repro`).
-    Tests copy it, never change it."""
-    if worker_id == "master":  # plain pytest, one process
-        repo = tmp_path_factory.mktemp("reproduced") / "project"
-        return repo, build_reproduced(repo)
-    shared = tmp_path_factory.getbasetemp().parent  # the same for every worker of this run
-    repo, log = shared / "reproduced" / "project", shared / "reproduced" / "repro.log"
-    with FileLock(str(shared / "reproduced.lock")):
-        if not log.exists():
-            shutil.rmtree(repo, ignore_errors=True)  # from a worker that died building it
-            output = build_reproduced(repo)
-            log.write_text(output)
-    return repo, log.read_text()
+    """The TINY_PIPELINE project, reproduced and committed as `main` once per test run:
+    (path, output of its `dvc repro`). Tests copy it, never change it."""
+    repo, built = build_once(
+        tmp_path_factory, worker_id, "reproduced", lambda d: {"output": build_reproduced(d)}
+    )
+    return repo, built["output"]
 
 
 def copy_reproduced(reproduced, dest):

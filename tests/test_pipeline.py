@@ -41,7 +41,8 @@ def repo(reproduced, tmp_path):
 def branches(reproduced, tmp_path_factory):
     """A copy with branch `more-epochs` (train.epochs 1 -> 2) reproduced and committed
     on top of `main`: .repo, and the .status and .output of `dvc status` and `dvc repro`
-    after the edit. Tests only read it."""
+    after the edit. Tests only read it (with `dvc` commands, so one per pytest worker:
+    no two processes run DVC in one repository at once)."""
     copy = copy_reproduced(reproduced, tmp_path_factory.mktemp("branches") / "project")
     sh(copy, "git", "checkout", "-q", "-b", "more-epochs")
     edit_params(copy / "params.yaml", train__epochs=2)
@@ -69,6 +70,33 @@ def test_repro_runs_every_stage_once_then_nothing(reproduced, repo):
     assert {f"data/evaluate/{name}" for name in committed} <= set(tracked)
     cached = ("data/raw/", "data/prepared/", "data/model/model", "data/train/")
     assert not [f for f in tracked if f.startswith(cached)]
+    # `dvc exp show` and `dvc metrics diff` carry the headline metrics, a dozen columns.
+    workspace = json.loads(sh(repo, "dvc", "exp", "show", "--json"))[0]["data"]["metrics"]
+    columns = {path: sorted(leaves(m["data"])) for path, m in workspace.items()}
+    assert columns == {
+        "data/train/metrics.json": [
+            "eval.accuracy",
+            "eval.loss",
+            "step",
+            "train.accuracy",
+            "train.loss",
+        ],
+        "data/evaluate/metrics.json": ["accuracy", "dtype_policy", "errors", "loss"],
+        "data/export/metrics.json": [
+            "differing_classes",
+            "max_abs_diff",
+            "max_abs_diff_vs_trained",
+        ],
+    }
+
+
+def leaves(tree, prefix=""):
+    """Flattened keys of a nested dict, as DVC names its columns: "eval.accuracy"."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key
 
 
 def test_a_forced_rerun_reproduces_the_lock_file_byte_for_byte(repo):

@@ -99,6 +99,15 @@ def test_prepare_limits_train_size_before_splitting():
     assert arrays["y_val"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
+def test_prepare_keeps_the_first_test_size_test_images():
+    images = np.arange(30, dtype=np.uint8)[:, None, None] * np.ones((1, 28, 28), np.uint8)
+    labels = np.arange(30, dtype=np.uint8) % 10
+    arrays = prepare.prepare(images, labels, images, labels, None, 0.5, test_size=7)
+    assert arrays["y_test"].tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert arrays["x_test"][:, 0, 0, 0].tolist() == [np.float32(i) / 255 for i in range(7)]
+    assert (len(arrays["x_train"]), len(arrays["x_val"])) == (15, 15)  # train set untouched
+
+
 def test_labels_out_of_range_are_rejected():
     images = np.zeros((2, 28, 28), dtype=np.uint8)
     with pytest.raises(PipelineError) as error:
