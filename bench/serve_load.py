@@ -5,10 +5,11 @@
 
 Starts `python -m tools.serve` on a free port of 127.0.0.1 (its model: --model, else the
 server's default), sends a short warm-up from one client, then REQUESTS posts of the first
-MNIST test images (PNG-encoded, 28x28, white on black) from CLIENTS concurrent clients.
-Prints and writes throughput, client-side latency percentiles, errors (any status but 200),
-accuracy against the labels, and the server's RSS (VmRSS of /proc/PID/status) at start,
-after the warm-up and after the load.
+MNIST test images as the page sends a drawing (white on black, upscaled to its 280x280
+canvas, PNG) from CLIENTS concurrent clients. Prints and writes throughput, client-side
+latency percentiles, the server's own time per prediction (the `ms` of each answer: decode,
+preprocess, predict), errors (any status but 200), accuracy against the labels, and the
+server's RSS (VmRSS of /proc/PID/status) at start, after the warm-up and after the load.
 """
 
 import argparse
@@ -26,10 +27,13 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from bench.common import mnist_dir
+from stages import prepare
 from stages.common import PipelineError, run_cli, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 20  # requests before the measured load: first calls allocate the runtime's buffers
+CANVAS = 280  # the page's canvas side (tools/static/index.html)
 
 
 def free_port():
@@ -87,26 +91,25 @@ def rss_mib(pid, field="VmRSS"):
     raise PipelineError(f"no {field} in /proc/{pid}/status")
 
 
-def encode_png(image):
-    """uint8 (28, 28) -> PNG bytes."""
+def encode_png(image, side=CANVAS):
+    """uint8 (28, 28) -> PNG bytes of it upscaled to side x side, as the page's canvas."""
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR).save(buffer, "PNG")
     return buffer.getvalue()
 
 
 def load_test_digits(n):
-    """The first n MNIST test images as PNG bytes, and their labels."""
-    from bench.train_speed import mnist_dir
-    from stages import prepare
-
-    _, _, images, labels = prepare.load_raw(mnist_dir())
+    """The first n MNIST test images as PNG bytes, and their labels (n > 10,000 repeats)."""
+    images_file, labels_file = prepare.SOURCES["test"]
+    images = prepare.read_idx(Path(mnist_dir()) / images_file, 3)
+    labels = prepare.read_idx(Path(mnist_dir()) / labels_file, 1)
     index = np.arange(n) % len(images)
     return [encode_png(images[i]) for i in index], labels[index]
 
 
 def post_all(url, bodies, clients):
     """Posts every body once, `clients` at a time; returns per request (seconds, status,
-    digit or None), in the order of `bodies`."""
+    digit or None, the server's ms or None), in the order of `bodies`."""
     results = [None] * len(bodies)
     next_index = iter(range(len(bodies)))
     lock = threading.Lock()
@@ -124,10 +127,11 @@ def post_all(url, bodies, clients):
                         "/predict", content=bodies[i], headers={"Content-Type": "image/png"}
                     )
                     status = response.status_code
-                    digit = response.json().get("digit") if status == 200 else None
+                    answer = response.json() if status == 200 else {}
                 except httpx.HTTPError:
-                    status, digit = None, None
-                results[i] = (time.perf_counter() - start, status, digit)
+                    status, answer = None, {}
+                seconds = time.perf_counter() - start
+                results[i] = (seconds, status, answer.get("digit"), answer.get("ms"))
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -137,18 +141,23 @@ def post_all(url, bodies, clients):
     return results
 
 
+def percentiles(values_ms):
+    """p50, p95 and p99 in ms, rounded to 0.1 ms; None each when there are no values."""
+    if not len(values_ms):
+        return {f"p{q}": None for q in (50, 95, 99)}
+    return {f"p{q}": round(float(np.percentile(values_ms, q)), 1) for q in (50, 95, 99)}
+
+
 def summarise(results, labels, wall_s):
-    latencies_ms = 1000 * np.array([r[0] for r in results])
-    ok = [r[1] == 200 for r in results]
+    ok = [r for r in results if r[1] == 200]
     digits = np.array([r[2] if r[2] is not None else -1 for r in results])
     return {
         "requests": len(results),
-        "errors": len(results) - sum(ok),
+        "errors": len(results) - len(ok),
         "wall_s": round(wall_s, 4),
         "throughput_rps": round(len(results) / wall_s, 1),
-        "latency_ms": {
-            f"p{q}": round(float(np.percentile(latencies_ms, q)), 1) for q in (50, 95, 99)
-        },
+        "latency_ms": percentiles([1000 * r[0] for r in results]),
+        "server_ms": percentiles([r[3] for r in ok]),
         "accuracy": float(np.mean(digits == labels)),
     }
 
@@ -192,6 +201,8 @@ def main(argv=None):
         f"{s['throughput_rps']} requests/s, errors {s['errors']}\n"
         f"latency ms: p50 {s['latency_ms']['p50']}, p95 {s['latency_ms']['p95']}, "
         f"p99 {s['latency_ms']['p99']}\n"
+        f"server ms per prediction (decode, preprocess, predict): "
+        f"p50 {s['server_ms']['p50']}, p95 {s['server_ms']['p95']}, p99 {s['server_ms']['p99']}\n"
         f"accuracy on the test digits: {s['accuracy']:.2%}\n"
         f"server RSS MiB: start {rss['start']}, after warm-up {rss['after_warmup']}, "
         f"after load {rss['after_load']}"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bench import serve_load
-from stages import params, prepare
+from stages import params, prepare, train
 from stages.common import write_json
 from stages.export import float32_copy
 from stages.models import save_model
@@ -66,7 +66,7 @@ def project(tmp_path_factory):
         train__learning_rate=0.015,
     )
     data = prepare.prepare(*prepare.load_raw(MNIST_MIRROR), TRAIN_IMAGES, 0.1)
-    model = train_model(data, params.load("train", root / "params.yaml"), verbose=0)
+    model = train_model(data, params.load(train.Params, root / "params.yaml"), verbose=0)
     save_model(model, root / dvc_var("model", root / "dvc.yaml"))
     # The export stage's ONNX file, which the server prefers (as after `dvc repro`).
     onnx = root / dvc_var("exported", root / "dvc.yaml") / "model.onnx"

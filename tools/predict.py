@@ -18,40 +18,16 @@ import numpy as np
 
 from stages.common import PipelineError, run_cli
 from tools import preprocess
+from tools.inference import ONNX_FILE, REBUILD, onnx_runner, onnx_session
 from tools.paths import dvc_var
-
-ONNX_FILE = "model.onnx"  # in the export stage's directory, as stages/export.py writes it
-REBUILD = "run `dvc repro` to train and export it"
 
 
 class OnnxPredictor:
-    """The exported float32 graph, run by onnxruntime."""
+    """The exported float32 graph, run by onnxruntime (tools/inference.py)."""
 
     def __init__(self, path):
-        import onnxruntime as ort
-        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only
-        try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-        except (
-            ort_errors.Fail,
-            ort_errors.InvalidProtobuf,
-            ort_errors.InvalidGraph,
-            ort_errors.InvalidArgument,
-            ort_errors.NoSuchFile,
-            ort_errors.RuntimeException,
-        ):
-            raise PipelineError(f"{path} is not a valid ONNX model; {REBUILD}") from None
-        self.input = self.session.get_inputs()[0].name
+        self.predict = onnx_runner(onnx_session(path))  # (N, 28, 28, 1) -> (N, 10)
         self.source = f"onnx {path}"
-
-    def predict(self, x):
-        """float32 (N, 28, 28, 1) -> float32 probabilities (N, 10)."""
-        return self.session.run(None, {self.input: np.asarray(x, dtype=np.float32)})[0]
 
 
 class KerasPredictor:
@@ -105,35 +81,39 @@ def label(name):
     return "<stdin>" if name == "-" else name
 
 
-def prepare(name, stdin=None):
-    """File name -> float32 (28, 28, 1); raises BadImage or NoDigit naming the file."""
-    image = preprocess.read_image(read_input(name, stdin), label(name))
+def image_probabilities(run, data, name):
+    """Image bytes -> float32 probabilities (1, 10) through `run`, a function of float32
+    (N, 28, 28, 1) -> (N, 10): the one path from an upload to an answer, shared by this
+    command and the server. Raises BadImage or NoDigit naming `name`."""
+    image = preprocess.read_image(data, name)
     try:
-        return preprocess.to_mnist(image)
+        x = preprocess.to_mnist(image)[np.newaxis]
     except preprocess.NoDigit as e:
-        raise preprocess.NoDigit(f"{label(name)}: {e}") from None
+        raise preprocess.NoDigit(f"{name}: {e}") from None
+    return np.asarray(run(x), dtype=np.float32)
+
+
+def describe(p):
+    """Probabilities (10,) -> {"digit", "probability", "runner_up", "probabilities"}."""
+    first, second = np.argsort(-p, kind="stable")[:2]
+    return {
+        "digit": int(first),
+        "probability": float(p[first]),
+        "runner_up": {"digit": int(second), "probability": float(p[second])},
+        "probabilities": [round(float(v), 6) for v in p],
+    }
 
 
 def classify(predictor, names, stdin=None):
     """One result per name, in order: {"file", "digit", "probability", "runner_up",
-    "probabilities"} or {"file", "error"}. All good images go through one batch."""
-    results, images = [], []
+    "probabilities"} or {"file", "error"}."""
+    results = []
     for name in names:
         try:
-            images.append(prepare(name, stdin))
-            results.append({"file": label(name)})
+            probs = image_probabilities(predictor.predict, read_input(name, stdin), label(name))
+            results.append({"file": label(name), **describe(probs[0])})
         except (preprocess.BadImage, preprocess.NoDigit) as e:
             results.append({"file": label(name), "error": str(e)})
-    good = [r for r in results if "error" not in r]
-    if good:
-        for result, p in zip(good, predictor.predict(np.stack(images)), strict=True):
-            first, second = np.argsort(-p, kind="stable")[:2]
-            result.update(
-                digit=int(first),
-                probability=float(p[first]),
-                runner_up={"digit": int(second), "probability": float(p[second])},
-                probabilities=[round(float(v), 6) for v in p],
-            )
     return results
 
 

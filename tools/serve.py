@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -29,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from stages.common import PipelineError, run_cli
 from tools import preprocess
 from tools.paths import dvc_var
-from tools.predict import load_predictor
+from tools.predict import image_probabilities, load_predictor
 
 MAX_BODY = 1024 * 1024  # bytes; a digit drawn on the page (280x280 canvas) is a 5-7 KiB PNG
 STATIC = Path(__file__).resolve().parent / "static"
@@ -100,11 +99,13 @@ def create_app(predictor, revision="unknown", accuracy=None):
     # small CPU parallel runs of a batch of one gain nothing; decoding runs in parallel.
     lock = threading.Lock()
 
+    def run(x):
+        with lock:
+            return predictor.predict(x)
+
     def classify(data):
         start = time.perf_counter()
-        x = preprocess.to_mnist(preprocess.read_image(data, "upload"))
-        with lock:
-            probs = np.asarray(predictor.predict(x[np.newaxis]))[0]
+        probs = image_probabilities(run, data, "upload")[0]
         ms = 1000 * (time.perf_counter() - start)
         return {
             "digit": int(probs.argmax()),
