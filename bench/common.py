@@ -1,18 +1,27 @@
-"""What the benchmarks share: data and params exactly as the pipeline makes them, and the
-plain Keras tutorial they are compared against."""
+"""What the benchmarks share: params and data made by the stages' own code, the plain Keras
+tutorial's recipe as train params, and the machine's name for the figures."""
 
 import os
 import platform
 from pathlib import Path
 
-import keras
 import yaml
 
-from stages import models, params, prepare
-from stages.dataset import NUM_CLASSES
+from stages import params, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = "plain Keras tutorial (R-interface example CNN)"
+# The tutorial's script as train params for train_model: the reference CNN in float32,
+# Adadelta 1.0, batch 128, one device, no deterministic ops (TensorFlow keeps them on for
+# the rest of a process once a pipeline run turned them on).
+TUTORIAL_PARAMS = {
+    "model": "reference",
+    "mixed_precision": "float32",
+    "learning_rate": 1.0,
+    "batch_size": 128,
+    "deterministic": False,
+    "distribute": "none",
+}
 
 
 def mnist_dir():
@@ -20,50 +29,24 @@ def mnist_dir():
     return os.environ.get("MNIST_MIRROR") or str(ROOT / "data" / "raw")
 
 
-def section_params(section, **overrides):
-    """params.yaml's `section` with overrides, validated as the stage validates it."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())[section]
-    return params.validate(section, {**raw, **overrides})
+def load_params(schema, **overrides):
+    """params.yaml's section of a stage's `schema`, with overrides, validated as the stage
+    validates it."""
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return params.validate(schema, {**doc[schema.section], **overrides})
 
 
 def load_data(**overrides):
-    """The arrays the prepare stage writes, made by its own function from the raw files,
-    with params.yaml's prepare section (overrides: train_size, validation_split)."""
-    p = section_params("prepare", **overrides)
-    return prepare.prepare(*prepare.load_raw(mnist_dir()), p.train_size, p.validation_split)
-
-
-def plain_tutorial(x, y, epochs, seed, callbacks=(), verbose=0):
-    """The tutorial as written: the reference CNN in float32, fit on numpy arrays with
-    validation_split=0.2, Adadelta at learning rate 1.0 (Keras 2's default), batch 128."""
-    keras.mixed_precision.set_dtype_policy("float32")
-    keras.utils.set_random_seed(seed)
-    model = models.reference()
-    model.compile(
-        loss="categorical_crossentropy",
-        optimizer=keras.optimizers.Adadelta(learning_rate=1.0),
-        metrics=["accuracy"],
-    )
-    model.fit(
-        x,
-        keras.utils.to_categorical(y, NUM_CLASSES),
-        batch_size=128,
-        epochs=epochs,
-        validation_split=0.2,
-        callbacks=list(callbacks),
-        verbose=verbose,
-    )
-    return model
+    """The prepare stage's arrays, made by its own function from the raw files with
+    params.yaml's prepare section and overrides (train_size, validation_split, test_size)."""
+    p = load_params(prepare.Params, **overrides)
+    raw = prepare.load_raw(mnist_dir())
+    return prepare.prepare(*raw, p.train_size, p.validation_split, p.test_size)
 
 
 def machine():
     """CPU model and core count, e.g. 'Intel(R) Xeon(R) Processor, 2 cores'."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores"
