@@ -138,7 +138,8 @@ def main(argv=None):
         test["x_test"],
         history,
         p.gallery_size,
-        model.dtype_policy.name,
+        # What train's `auto` chose, as it recorded it; the loaded layers compute in it.
+        models.training_settings(args.model).get("precision", "unrecorded"),
     )
     print(
         f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "

@@ -76,7 +76,9 @@ def test_each_preset_learns_with_its_own_recipe_from_one_override(workdir, prese
         recipe.batch_size,
         recipe.learning_rate,
     )
-    assert settings["precision"] == model.dtype_policy.name
+    weighted = next(layer for layer in model.layers if layer.weights)
+    assert settings["precision"] == weighted.dtype_policy.name
+    assert settings["precision"] == ("mixed_bfloat16" if train.cpu_has_bf16() else "float32")
 
 
 def test_saving_the_same_weights_twice_gives_the_same_bytes(tmp_path):
@@ -256,6 +258,11 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(workdir):
     )
     labels = np.load(workdir / "prepared" / "y_test.npy")
     assert metrics["accuracy"] == float(np.mean(probs.argmax(axis=1) == labels))
+    # What the run resolved travels with the model, and evaluate reports its precision.
+    settings = models.training_settings(workdir / "model" / "model.keras")
+    assert (settings["replicas"], settings["devices"], settings["epochs"]) == (2, ["cpu"], 1)
+    expected = "mixed_bfloat16" if train.cpu_has_bf16() else "float32"
+    assert settings["precision"] == metrics["dtype_policy"] == expected
 
 
 @pytest.mark.slow
