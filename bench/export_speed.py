@@ -37,7 +37,7 @@ def ms_per_image(run, x, batch_size, images):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=200, help="images timed at batch 1")
     parser.add_argument("--batch-size", type=int, default=1000, help="the large batch")
     parser.add_argument("--out", default="bench/results", help="output directory")

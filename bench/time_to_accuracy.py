@@ -159,7 +159,7 @@ def parse_runs(specs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--run", nargs="+", action="append", metavar="ARG", help="NAME EPOCHS SEED [SEED ...]"
     )

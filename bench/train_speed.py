@@ -132,7 +132,7 @@ def report(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks it runs")
     parser.add_argument("--variants", nargs="*", choices=VARIANTS, help="default: all")
     parser.add_argument("--out", help="JSON file (default under bench/results/)")
