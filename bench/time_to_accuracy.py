@@ -3,13 +3,11 @@
 
     python -m bench.time_to_accuracy [--run NAME EPOCHS SEED [SEED ...]] ... [--smoke] [--out DIR]
 
-NAME is `tutorial` or a preset; without --run, DEFAULT_RUNS (hours). Every run trains
-through the train stage's `train_model`: a preset with params.yaml's train section and its
-own recipe (stages/models.py RECIPES) on all 60,000 training images (the prepare stage's
-arrays, validation_split 0); the tutorial with its script's recipe (bench/common.py) on the
-48,000 its validation_split=0.2 leaves, validation counted as training time. After each
-epoch a callback stops the clock and predicts the 10,000 test images, which training never
-sees. Writes OUT/time_to_accuracy.json (after every run) and OUT/time_to_accuracy.png.
+NAME: `tutorial` (bench/common.py) or a preset, with its own recipe; without --run,
+DEFAULT_RUNS (hours). Each run trains through the train stage's `train_model`, a preset on
+all 60,000 training images, the tutorial on the 48,000 its validation_split=0.2 leaves
+(validation counted as training). A callback stops the clock at each epoch's end to score
+the 10,000 test images, which training never sees. Writes OUT/time_to_accuracy.{json,png}.
 """
 
 import argparse

@@ -4,11 +4,10 @@ tutorial's recipe, and what each setting costs.
     python -m bench.train_speed [--smoke] [--out FILE]     # make bench: pipeline, tutorial
     python -m bench.train_speed --variants [NAME ...]      # the pipeline, one change each
 
-Each measurement is a fresh process (thread and oneDNN settings are read once, when
-TensorFlow starts; deterministic ops stay on once on) that trains the reference CNN for 2
-epochs through `train_model` on the prepare stage's arrays and times the second epoch (no
-tracing), validation pass included; the order rotates round after round, so that machine
-noise hits every variant. GFLOP/s come from the FLOPs TensorFlow's profiler counts.
+Each measurement is a fresh process (TensorFlow reads thread and oneDNN settings once, and
+keeps deterministic ops on once on) that trains the reference CNN for 2 epochs and times
+the second (no tracing), validation included; the order rotates round after round, so that
+machine noise hits every variant. GFLOP/s: from the FLOPs TensorFlow's profiler counts.
 """
 
 import argparse
