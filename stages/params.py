@@ -56,8 +56,8 @@ def describe(schema):
         nullable = len(options) < len(schema["anyOf"])
         return " or ".join(describe(s) for s in options) + (" or null" if nullable else "")
     if "enum" in schema or "const" in schema:
-        choices = schema.get("enum", [schema.get("const")])
-        return "one of " + ", ".join(yaml.safe_dump(c).split("\n")[0] for c in choices)
+        words = [yaml.safe_dump(c).split("\n")[0] for c in schema.get("enum", [schema.get("const")])]
+        return words[0] if len(words) == 1 else "one of " + ", ".join(words)
     kind = schema.get("type")
     if kind == "boolean":
         return "true or false"

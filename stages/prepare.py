@@ -8,6 +8,7 @@ Writes  OUT/{x,y}_{train,val,test}.npy in the format of stages/dataset.py.
 import argparse
 import gzip
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field
@@ -20,9 +21,10 @@ from stages.dataset import NUM_CLASSES, save_prepared
 class Params(params.Section):
     section = "prepare"
 
-    train_size: int | None = Field(ge=1, le=60_000)  # first N training images; None = all
+    # A word, not null, for "all": DVC's `-S` rewrites every `null` as an empty value.
+    train_size: Annotated[int, Field(ge=1, le=60_000)] | Literal["all"]  # the first N
     validation_split: float = Field(ge=0, lt=1)  # last fraction held out, as Keras does
-    test_size: int | None = Field(ge=1, le=10_000)  # first N test images; None = all
+    test_size: Annotated[int, Field(ge=1, le=10_000)] | Literal["all"]  # the first N
 
 
 IMAGE_SHAPE = (28, 28)
@@ -98,12 +100,13 @@ def prepare(
     test_labels,
     train_size,
     validation_split,
-    test_size=None,
+    test_size="all",
 ):
     """Raw uint8 arrays -> dict of the six model-ready arrays. train_size and test_size
-    keep the first N images of each set (None: all)."""
+    keep the first N images of each set ("all" or None: all)."""
     check_labels(train_labels, train_images, "train")
     check_labels(test_labels, test_images, "test")
+    train_size, test_size = (None if n == "all" else n for n in (train_size, test_size))
     train_images, train_labels = train_images[:train_size], train_labels[:train_size]
     test_images, test_labels = test_images[:test_size], test_labels[:test_size]
     (x_train, y_train), (x_val, y_val) = split_validation(

@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -32,10 +32,11 @@ class Params(params.Section):
 
     model: Literal["reference", "compact", "best", "fast"]  # a preset of stages/models.py
     seed: int = Field(ge=0)
-    # None: the preset's own value (stages/models.py RECIPES)
-    epochs: int | None = Field(ge=1)
-    batch_size: int | None = Field(ge=1)  # global: split across replicas
-    learning_rate: float | None = Field(gt=0)  # the optimizer's (peak) rate
+    # "preset": the preset's own value (stages/models.py RECIPES). A word, not null: DVC's
+    # `-S` rewrites every `null` in params.yaml as an empty value.
+    epochs: Annotated[int, Field(ge=1)] | Literal["preset"]
+    batch_size: Annotated[int, Field(ge=1)] | Literal["preset"]  # global: split across replicas
+    learning_rate: Annotated[float, Field(gt=0)] | Literal["preset"]  # the (peak) rate
     mixed_precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
     jit_compile: Literal["auto", True, False]
     deterministic: bool
@@ -123,14 +124,14 @@ def seed_everything(seed, deterministic):
 
 
 def with_recipe(p):
-    """p with each of epochs, batch_size and learning_rate that is None replaced by the
-    preset's own value, so that `-S train.model=X` alone is a sound run of preset X."""
+    """p with each of epochs, batch_size and learning_rate that says "preset" replaced by
+    the preset's own value, so that `-S train.model=X` alone is a sound run of preset X."""
     recipe = models.RECIPES[p.model]
     return p.model_copy(
         update={
             key: getattr(recipe, key)
             for key in ("epochs", "batch_size", "learning_rate")
-            if getattr(p, key) is None
+            if getattr(p, key) == "preset"
         }
     )
 
@@ -178,7 +179,7 @@ def compile_model(p, steps_per_epoch):
 
 
 def train_model(data, p, callbacks=(), verbose="auto"):
-    """Builds, compiles and fits preset p.model (None settings: the preset's own);
+    """Builds, compiles and fits preset p.model ("preset" settings: the preset's own);
     returns the trained model.
 
     verbose="auto": Keras' live progress bar on a terminal, one line per epoch otherwise
