@@ -165,7 +165,7 @@ def main(argv=None):
     parser.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
     args = parser.parse_args(argv)
     plan = parse_runs(args.run or [run.split() for run in DEFAULT_RUNS.split(", ")])
-    sizes = SMOKE if args.smoke else {"train_size": None, "test_size": None}
+    sizes = SMOKE if args.smoke else {"train_size": "all", "test_size": "all"}
     data = load_data(**sizes, validation_split=0.0)
     out = Path(args.out)
     results = {"machine": machine(), "test_images": len(data["x_test"]), "runs": []}

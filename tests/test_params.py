@@ -30,14 +30,14 @@ def test_the_committed_params_are_valid():
 @pytest.mark.parametrize(
     "name, key, value, message",
     [
-        ("train", "epochs", 0, "train.epochs must be an integer >= 1 or null, got 0"),
+        ("train", "epochs", 0, "train.epochs must be an integer >= 1 or preset, got 0"),
         (
             "train",
             "batch_size",
             "big",
-            "train.batch_size must be an integer >= 1 or null, got 'big'",
+            "train.batch_size must be an integer >= 1 or preset, got 'big'",
         ),
-        ("train", "epochs", True, "train.epochs must be an integer >= 1 or null, got True"),
+        ("train", "epochs", True, "train.epochs must be an integer >= 1 or preset, got True"),
         (
             "prepare",
             "validation_split",
@@ -48,7 +48,7 @@ def test_the_committed_params_are_valid():
             "prepare",
             "train_size",
             70000,
-            "prepare.train_size must be an integer >= 1 and <= 60000 or null, got 70000",
+            "prepare.train_size must be an integer >= 1 and <= 60000 or all, got 70000",
         ),
         (
             "train",
@@ -66,7 +66,7 @@ def test_the_committed_params_are_valid():
             "train",
             "learning_rate",
             -1,
-            "train.learning_rate must be a number > 0 or null, got -1",
+            "train.learning_rate must be a number > 0 or preset, got -1",
         ),
         ("fetch", "mirrors", [], "fetch.mirrors must be a non-empty list of http(s) URLs, got []"),
         (
@@ -80,7 +80,7 @@ def test_the_committed_params_are_valid():
             "prepare",
             "train_size",
             0.5,
-            "prepare.train_size must be an integer >= 1 and <= 60000 or null, got 0.5",
+            "prepare.train_size must be an integer >= 1 and <= 60000 or all, got 0.5",
         ),
         (
             "evaluate",
@@ -107,7 +107,7 @@ def test_unknown_and_missing_keys():
         "allowed keys: train_size, validation_split, test_size"
     )
     with pytest.raises(PipelineError) as error:
-        params.validate(prepare.Params, {"train_size": None, "test_size": None})
+        params.validate(prepare.Params, {"train_size": "all", "test_size": "all"})
     assert str(error.value) == "params.yaml: missing key prepare.validation_split"
 
 
@@ -117,7 +117,7 @@ def test_every_bad_key_is_named_at_once_in_one_line():
         params.validate(train.Params, values)
     assert str(error.value) == (
         "params.yaml: train.seed must be an integer >= 0, got -1; "
-        "train.epochs must be an integer >= 1 or null, got 0; "
+        "train.epochs must be an integer >= 1 or preset, got 0; "
         "unknown key train.momentum; allowed keys: model, seed, epochs, batch_size, "
         "learning_rate, mixed_precision, jit_compile, deterministic, distribute"
     )
@@ -149,9 +149,9 @@ def test_any_declaration_is_described_from_its_schema(key, value, message):
 
 
 def test_valid_values_become_a_frozen_object():
-    values = {"train_size": 5000, "validation_split": 0, "test_size": None}
+    values = {"train_size": 5000, "validation_split": 0, "test_size": "all"}
     p = params.validate(prepare.Params, values)
-    assert (p.train_size, p.validation_split, p.test_size) == (5000, 0, None)
+    assert (p.train_size, p.validation_split, p.test_size) == (5000, 0, "all")
     with pytest.raises(ValidationError, match="frozen"):
         p.train_size = 1
 
@@ -179,7 +179,7 @@ def test_a_stage_with_a_bad_param_exits_1_with_one_line_and_writes_nothing(workd
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "Error: params.yaml: train.epochs must be an integer >= 1 or null, got 0"
+        "Error: params.yaml: train.epochs must be an integer >= 1 or preset, got 0"
     )
     assert sorted(p.name for p in workdir.iterdir()) == ["params.yaml"]
 

@@ -147,7 +147,7 @@ def test_a_rejected_param_fails_at_once_and_dvc_checkout_restores_the_model(repo
     edit_params(repo / "params.yaml", train__epochs=0)
     code, output = run(repo, "dvc", "repro")
     assert code != 0
-    assert "Error: params.yaml: train.epochs must be an integer >= 1, got 0" in output
+    assert "Error: params.yaml: train.epochs must be an integer >= 1 or preset, got 0" in output
     assert "oneDNN" not in output  # TensorFlow prints this line as it loads
 
     assert not (repo / "data/model/model.keras").exists()  # DVC removed it before the run
@@ -159,7 +159,7 @@ def test_a_rejected_param_fails_at_once_and_dvc_checkout_restores_the_model(repo
 def test_metrics_and_params_diff_between_branches(branches):
     repo = branches.repo
     params = json.loads(sh(repo, "dvc", "params", "diff", "main", "--json"))
-    assert params == {"params.yaml": {"train.epochs": {"old": 1, "new": 2, "diff": 1}}}
+    assert params == {"params.yaml": {"train.epochs": {"old": "preset", "new": 2}}}
     old = json.loads(sh(repo, "git", "show", "main:data/evaluate/metrics.json"))
     new = json.loads((repo / "data/evaluate/metrics.json").read_text())
     metrics = json.loads(sh(repo, "dvc", "metrics", "diff", "main", "--all", "--json"))
@@ -188,7 +188,7 @@ def test_report_gives_the_exact_accuracy_delta_and_the_changed_param(branches, t
     old = json.loads(sh(repo, "git", "show", "main:data/evaluate/metrics.json"))["accuracy"]
     new = json.loads((repo / "data/evaluate/metrics.json").read_text())["accuracy"]
     assert f"| accuracy | {old:.4f} | {new:.4f} | {new - old:+.4f} |" in text
-    assert "| `train.epochs` | 1 | 2 |" in text
+    assert "| `train.epochs` | preset | 2 |" in text
     assert "report: **Test accuracy" in output
     for png in ("curves.png", "confusion.png", "errors.png"):
         figure = repo / "data/evaluate/plots" / png
@@ -231,7 +231,7 @@ def test_exp_run_changes_one_line_of_params_and_is_listed(repo):
     diff = sh(repo, "git", "diff", "-U0", "params.yaml").splitlines()
     changed = [line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---")]
     assert changed == [
-        next(line for line in changed if line.startswith("-  learning_rate: null ")),
+        next(line for line in changed if line.startswith("-  learning_rate: preset ")),
         next(line for line in changed if line.startswith("+  learning_rate: 0.005 ")),
     ]
     params, accuracy = experiments(repo)["lr-half"]
@@ -258,7 +258,7 @@ def test_queued_experiments_run_with_their_own_overrides(repo, tmp_path):
     sh(repo, "dvc", "queue", "stop")
     found = experiments(repo)
     assert (found["seed-7"][0]["seed"], found["seed-8"][0]["seed"]) == (7, 8)
-    assert found["seed-7"][0]["epochs"] == 1  # the rest as committed
+    assert found["seed-7"][0]["epochs"] == "preset"  # the rest as committed
     assert sh(repo, "git", "status", "--porcelain") == ""  # the workspace is untouched
 
 
@@ -266,7 +266,7 @@ def test_ci_script_reproduces_with_overrides_and_writes_the_report(repo):
     output = sh(repo, "bash", ".ci/train-report", "main", "train.learning_rate=0.02")
     assert sorted(ran_stages(output)) == ["evaluate", "export", "train"]
     text = (repo / "report.md").read_text()
-    assert "| `train.learning_rate` | null | 0.02 |" in text
+    assert "| `train.learning_rate` | preset | 0.02 |" in text
     assert "**Test accuracy" in text
 
 

@@ -52,12 +52,12 @@ def test_reference_model_has_the_tutorials_parameter_count():
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", list(models.BUILDERS))
 def test_each_preset_learns_with_its_own_recipe_from_one_override(workdir, preset):
-    # `-S train.model=X` alone: epochs, batch size and learning rate stay null in
+    # `-S train.model=X` alone: epochs, batch size and learning rate stay "preset" in
     # params.yaml, so each preset trains with its own. The data gives each about 40 steps.
     recipe = models.RECIPES[preset]
     make_prepared(workdir / "prepared", n_train=-(-40 // recipe.epochs) * recipe.batch_size)
     write_params(workdir / "params.yaml", train__model=preset)
-    assert yaml.safe_load((workdir / "params.yaml").read_text())["train"]["learning_rate"] is None
+    assert yaml.safe_load((workdir / "params.yaml").read_text())["train"]["learning_rate"] == "preset"
     train.main(train_args(workdir))
     history = pd.read_csv(workdir / "live/plots/metrics/train/accuracy.tsv", sep="\t")
     assert history["step"].tolist() == list(range(1, recipe.epochs + 1))

@@ -45,7 +45,7 @@ def fmt(value):
 
 
 def fmt_param(value):
-    """Param values exactly as YAML has them (1.0 stays 1.0; null: the preset's own)."""
+    """Param values exactly as YAML has them (1.0 stays 1.0)."""
     return "null" if value is None else str(value)
 
 
