@@ -90,7 +90,8 @@ class Scratch:
         result = subprocess.run(command, shell=True, cwd=self.path, env=self.env,
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
+            lines = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()
+            last = next((line for line in lines if line.startswith("ERROR")), lines[-1])
             raise PipelineError(f"`{command}` failed with exit code {result.returncode}: {last}")
         return result.stdout
 
@@ -143,12 +144,12 @@ def collect(scratch):
     compared = scratch.shown("dvc metrics diff main", "dvc params diff main", "python -m tools.report --base main")
     samples["compare"] = f"{status}\n{compared}"
     samples["per-class-diff"] = scratch.shown("dvc metrics diff main --targets data/evaluate/per_class.json")
-    scratch.run("git checkout -- params.yaml && git checkout -q main && dvc checkout --quiet")
+    scratch.run("git checkout -q -- . && git checkout -q main && dvc checkout --quiet")
 
     scratch.run("dvc exp run -n fast-seed-42 -S train.model=fast")
     scratch.run("dvc exp run -n fast-seed-1 -S train.model=fast -S train.seed=1")
     samples["exp-show"] = scratch.shown(f"dvc exp show --drop '.*' --keep '{EXP_COLUMNS}'")
-    scratch.run("git checkout -- params.yaml && dvc checkout --quiet")
+    scratch.run("git checkout -q -- . && dvc checkout --quiet")  # exp run left its results here
 
     remote = scratch.path.parent / "remote"
     scratch.run(f"dvc remote add --local -d team {remote}")
