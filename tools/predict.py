@@ -81,13 +81,14 @@ def label(name):
     return "<stdin>" if name == "-" else name
 
 
-def image_probabilities(run, data, name):
-    """Image bytes -> float32 probabilities (1, 10) through `run`, a function of float32
+def image_probabilities(run, data, name, number=False):
+    """Image bytes -> float32 probabilities (k, 10) through `run`, a function of float32
     (N, 28, 28, 1) -> (N, 10): the one path from an upload to an answer, shared by this
-    command and the server. Raises BadImage or NoDigit naming `name`."""
+    command and the server. One digit (k = 1), or with `number` each digit of a row, left
+    to right. Raises BadImage or NoDigit naming `name`."""
     image = preprocess.read_image(data, name)
     try:
-        x = preprocess.to_mnist(image)[np.newaxis]
+        x = preprocess.row_to_mnist(image) if number else preprocess.to_mnist(image)[np.newaxis]
     except preprocess.NoDigit as e:
         raise preprocess.NoDigit(f"{name}: {e}") from None
     return np.asarray(run(x), dtype=np.float32)

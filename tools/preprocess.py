@@ -1,13 +1,31 @@
-"""Turns anyone's digit image into what the model was trained on, as MNIST itself was made.
+"""Turns anyone's digit image, a scan, a drawing or a photo of paper, into what the model
+was trained on, as MNIST itself was made.
 
-    read_image(data, name) -> PIL image     refuses what is not a sound, sensibly sized image
-    to_mnist(image) -> float32 (28, 28, 1)  white digit on black, in [0, 1]
+    read_image(data, name) -> PIL image            refuses what is not a sound, sensibly sized image
+    to_mnist(image) -> float32 (28, 28, 1)         the digit, white on black, in [0, 1]
+    row_to_mnist(image) -> float32 (k, 28, 28, 1)  each digit of a row, left to right
 
-MNIST's recipe (LeCun et al.): the digit's bounding box is scaled, keeping its aspect
-ratio, so that its longer side is 20 pixels (antialiased, hence grey levels), then placed
-in a 28x28 frame so that its centre of mass is at the frame's centre. Before that, a user's
-image is made to look like MNIST's: grey levels, light ink on a dark background, and the
-background level subtracted, so that a photo of grey paper has a black background too.
+First the ink is separated from the paper (ink_contrast, ink_regions):
+- grey levels; the polarity from which tail of the histogram is longer (a few dark strokes
+  on light paper, or light strokes on a dark canvas);
+- the paper's local brightness, estimated by a morphological closing (scikit-image) with a
+  square a third of the image's shorter side, wider than any stroke: it follows uneven
+  light and shadow, and the ink becomes its relative darkness against that estimate
+  (a flat-field correction, so a stroke in shadow keeps its contrast);
+- a global Otsu threshold on that contrast, then ruled and squared paper's lines removed:
+  straight lines that run across most of the image, found by a Hough transform over
+  near-horizontal and near-vertical angles, with stroke pixels that cross a line restored;
+- connected components, then specks (under 0.01% of the image) dropped.
+Then the digit is chosen (pick_digit): a region that touches the image's edge is clutter
+(the sheet's edge, a pen, a finger) whenever a region away from the edge is large enough to
+be a digit (its longer side at least 15% of the image's shorter side); of those, the
+largest by ink area is the digit, and pieces near it (broken strokes) join it. A row of
+digits is every such region, pieces grouped by the columns they share, left to right.
+
+MNIST's recipe then makes the digit look like MNIST's (LeCun et al.): the digit's bounding
+box is scaled, keeping its aspect ratio, so that its longer side is 20 pixels (antialiased,
+hence grey levels), then placed in a 28x28 frame so that its centre of mass is at the
+frame's centre.
 """
 
 import io
@@ -15,6 +33,8 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
+from skimage import filters, measure, morphology, transform
 
 from stages.common import PipelineError
 
@@ -26,6 +46,15 @@ BOX = 20  # MNIST's digits fill a 20x20 box inside the frame
 CENTRE = 14.0  # MNIST's centre of mass, in pixel indices: (13.99, 14.01) over the test set
 MIN_CONTRAST = 0.15  # the darkest ink must differ this much from the background, else no digit
 INK = 0.25  # after normalising ink to [0, 1], pixels above this count for the bounding box
+WORK_SIDE = 512  # images are analysed with their longer side at most this many pixels
+LINE_SHARE = 0.7  # a ruled line runs across at least this share of the image
+MAX_TILT = 6  # degrees: how far from level a ruled line may be (a sheet photographed askew)
+LINE_GAP = 4  # pixels: the thickest ruled line whose crossing strokes are restored
+LINE_WIDTH = 6  # strips (pixels): a ruled line is at most this thick; a stroke is thicker
+EDGE = 0.03  # a lone line reaches within this share of the image's width of both edges
+SPECK = 1e-4  # ink regions under this share of the image are specks
+MIN_DIGIT = 0.15  # a digit's longer side is at least this share of the image's shorter side
+PIECE = 0.02  # a broken stroke's piece has at least this share of the digit's ink
 
 
 class BadImage(PipelineError):
@@ -89,16 +118,191 @@ def grey_levels(image):
     return np.asarray(image.convert("L"), dtype=np.float64) / 255.0
 
 
-def to_ink(grey):
-    """Grey levels -> ink in [0, 1] on a 0 background: inverted when the background
-    (the median of the border pixels) is light; background level subtracted; darkest
-    ink stretched to 1, as MNIST's strokes reach 1."""
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    ink = 1.0 - grey if np.median(border) > 0.5 else grey
-    ink = np.clip(ink - np.median(np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]])), 0, 1)
-    if ink.max() < MIN_CONTRAST:
+def working_copy(grey, side=WORK_SIDE):
+    """Grey levels with the longer side at most `side` (box-filtered): a phone photo holds
+    far more pixels than a 20-pixel digit needs, and the analysis runs in milliseconds."""
+    height, width = grey.shape
+    scale = side / max(height, width)
+    if scale >= 1:
+        return grey
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL: (w, h)
+    resized = Image.fromarray(grey.astype(np.float32), mode="F").resize(size, Image.Resampling.BOX)
+    return np.asarray(resized, dtype=np.float64)
+
+
+def as_paper(grey):
+    """Grey levels -> the same with the ink darker than the background: inverted when the
+    light tail of the histogram is the longer one (light strokes on a dark canvas)."""
+    dark, middle, light = np.percentile(grey, [0.5, 50, 99.5])
+    return grey if middle - dark >= light - middle else 1.0 - grey
+
+
+def background(paper):
+    """The paper's local brightness: a grey closing (dark strokes narrower than the square
+    vanish, gradients and shadow edges stay) with a square a third of the shorter side,
+    computed on a block-averaged copy about 64 pixels on its shorter side, then upsampled."""
+    height, width = paper.shape
+    f = max(1, min(height, width) // 64)  # block size
+    blocks = paper[: height // f * f, : width // f * f]
+    small = blocks.reshape(height // f, f, width // f, f).mean(axis=(1, 3))
+    side = max(3, min(small.shape) // 3) | 1  # odd
+    closed = morphology.closing(small, morphology.footprint_rectangle((side, side)))
+    if f == 1:
+        return closed
+    upsampled = Image.fromarray(closed.astype(np.float32), mode="F").resize(
+        (width, height), Image.Resampling.BILINEAR
+    )
+    return np.maximum(np.asarray(upsampled, dtype=np.float64), paper)
+
+
+def ink_contrast(grey):
+    """Grey levels -> ink in [0, 1]: how much darker each pixel is than the paper around
+    it, relative to that paper's brightness. Raises NoDigit when nothing stands out."""
+    paper = as_paper(grey)
+    bg = background(paper)
+    # Relative darkness; the floor keeps a dark region (the table beyond the sheet) from
+    # turning its noise into contrast.
+    floor = max(0.25 * float(np.median(bg)), 0.05)
+    contrast = np.clip((bg - paper) / np.maximum(bg, floor), 0.0, 1.0)
+    if contrast.max() < MIN_CONTRAST:
         raise NoDigit("no digit found")
-    return ink / ink.max()
+    return contrast
+
+
+def thin_runs(strong):
+    """Boolean strips (P,) -> [(first, last)] of the runs of at most LINE_WIDTH strips."""
+    edges = np.diff(np.concatenate([[0], strong.astype(np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return [(a, b - 1) for a, b in zip(starts, ends, strict=True) if b - a <= LINE_WIDTH]
+
+
+def line_pixels(mask, horizontal):
+    """Pixels of `mask` on ruled or squared paper's lines within MAX_TILT degrees of
+    horizontal (or vertical). The Hough transform counts the pixels along every 1-pixel
+    strip; a line is a run of at most LINE_WIDTH strips that each hold LINE_SHARE of the
+    image's width (or height). Lines count when two or more are parallel, or when a lone one
+    runs from edge to edge: a digit's long stroke is neither."""
+    height, width = mask.shape
+    length = width if horizontal else height
+    step = min(np.deg2rad(0.5), 2.0 / length)  # a line drifts at most 1 px within its strip
+    tilt = np.arange(-np.deg2rad(MAX_TILT), np.deg2rad(MAX_TILT) + step / 2, step)
+    votes, angles, distances = transform.hough_line(mask, theta=tilt + (np.pi / 2) * horizontal)
+    found = np.zeros_like(mask)
+    runs = {j: thin_runs(votes[:, j] >= LINE_SHARE * length) for j in range(len(angles))}
+    runs = {j: r for j, r in runs.items() if r}
+    if not runs:
+        return found
+    rows, cols = np.nonzero(mask)
+    offset = -distances[0]
+    for j, strips in runs.items():
+        index = np.round(cols * np.cos(angles[j]) + rows * np.sin(angles[j]) + offset)
+        bins = np.zeros(len(distances) + 2, bool)  # a strip either side: antialiased edges
+        for first, last in strips:
+            bins[max(first - 1, 0) : last + 2] = True
+        on_line = bins[index.astype(int)]
+        found[rows[on_line], cols[on_line]] = True
+    if max(len(r) for r in runs.values()) < 2:
+        along = np.nonzero(found)[1 if horizontal else 0]
+        if along.min() > EDGE * length or along.max() < (1 - EDGE) * length - 1:
+            return np.zeros_like(mask)
+    return found
+
+
+def remove_lines(mask, faint):
+    """The mask without ruled or squared paper's lines, found in the `faint` mask (lower
+    threshold: light lines whole); where a stroke crosses a line, the line's pixels between
+    the stroke's two sides are kept."""
+    for horizontal in (True, False):
+        lines = line_pixels(faint, horizontal)
+        if lines.any():
+            kept = mask & ~lines
+            across = (2 * LINE_GAP + 1, 1) if horizontal else (1, 2 * LINE_GAP + 1)
+            bridged = ndimage.binary_closing(kept, np.ones(across, bool))
+            mask = kept | (mask & lines & bridged)
+            faint = faint & ~lines
+    return mask
+
+
+def ink_regions(contrast):
+    """Ink contrast -> (labels, regions): the connected ink regions (scikit-image
+    regionprops) left after the lines and specks are removed."""
+    threshold = max(filters.threshold_otsu(contrast), MIN_CONTRAST)
+    mask = remove_lines(contrast > threshold, contrast > threshold / 2)
+    speck = max(2, round(SPECK * mask.size))
+    mask = morphology.remove_small_objects(mask, max_size=speck, connectivity=2)
+    labels = measure.label(mask, connectivity=2)
+    return labels, measure.regionprops(labels)
+
+
+def touches_edge(region, shape):
+    top, left, bottom, right = region.bbox
+    return top == 0 or left == 0 or bottom == shape[0] or right == shape[1]
+
+
+def candidates(regions, shape):
+    """The regions that can be digits: those away from the image's edge when one of them
+    is large enough to be a digit, else all."""
+    interior = [r for r in regions if not touches_edge(r, shape)]
+    big = [r for r in interior if max(r.image.shape) >= MIN_DIGIT * min(shape)]
+    return (big, interior) if big else (regions, regions)
+
+
+def near(a, b, gap):
+    """Whether bounding boxes a and b are within `gap` pixels of each other."""
+    return (
+        a[0] - gap < b[2] and b[0] - gap < a[2] and a[1] - gap < b[3] and b[1] - gap < a[3]
+    )
+
+
+def pick_digit(regions, shape):
+    """The regions that make the digit: the largest candidate by ink area, and every piece
+    of at least PIECE of its area within a fifth of its size of it, repeatedly."""
+    digits, pieces = candidates(regions, shape)
+    seed = max(digits, key=lambda r: r.area)
+    gap = 0.2 * max(seed.image.shape)
+    chosen, box = [seed], list(seed.bbox)
+    others = [r for r in pieces if r is not seed and r.area >= PIECE * seed.area]
+    grown = True
+    while grown:
+        grown = False
+        for r in others:
+            if r not in chosen and near(box, r.bbox, gap):
+                chosen.append(r)
+                box = [f(a, b) for f, a, b in zip((min, min, max, max), box, r.bbox)]
+                grown = True
+    return chosen
+
+
+def group_row(regions, shape):
+    """The digits of a row, left to right, each a list of regions: candidates and pieces
+    that share columns are one digit; groups under half the tallest one's height are
+    dropped (specks, a dash)."""
+    digits, pieces = candidates(regions, shape)
+    tallest = max(r.image.shape[0] for r in digits)
+    parts = sorted(
+        {id(r): r for r in [*digits, *pieces] if r.image.shape[0] >= 0.1 * tallest}.values(),
+        key=lambda r: r.bbox[1],
+    )
+    groups = []
+    for r in parts:
+        if groups and r.bbox[1] < groups[-1][1]:  # starts before the previous group ends
+            groups[-1][0].append(r)
+            groups[-1][1] = max(groups[-1][1], r.bbox[3])
+        else:
+            groups.append([[r], r.bbox[3]])
+    groups = [g for g, _ in groups]
+    height = [max(r.bbox[2] for r in g) - min(r.bbox[0] for r in g) for g in groups]
+    return [g for g, h in zip(groups, height, strict=True) if h >= 0.5 * max(height)]
+
+
+def digit_ink(contrast, labels, chosen):
+    """The chosen regions' ink, with the antialiased rim around them, on a 0 background;
+    stretched so that the strokes reach 1, as MNIST's do."""
+    inside = np.isin(labels, [r.label for r in chosen])
+    rim = ndimage.binary_dilation(inside, np.ones((3, 3), bool))
+    ink = np.where(rim, contrast, 0.0)
+    peak = np.percentile(contrast[inside], 99)
+    return np.clip(ink / peak, 0.0, 1.0)
 
 
 def crop_to_ink(ink):
@@ -138,11 +342,34 @@ def place(digit, frame=FRAME, centre=CENTRE):
     return out
 
 
-def to_mnist(image):
-    """PIL image of a digit, any size, colour or polarity -> float32 (28, 28, 1) in [0, 1],
-    white digit on black, as MNIST's. Raises NoDigit for a blank image."""
-    digit = fit_box(crop_to_ink(to_ink(grey_levels(image))))
+def mnist_frame(ink):
+    """A digit's ink on a 0 background -> float32 (28, 28, 1), MNIST's recipe."""
+    digit = fit_box(crop_to_ink(ink))
     if digit.sum() == 0:
         raise NoDigit("no digit found")
     # Conv2D wants a channel axis; greyscale, so one channel.
     return place(digit).astype(np.float32)[..., np.newaxis]
+
+
+def analyse(image):
+    """PIL image -> (ink contrast, labels, regions); NoDigit when no ink region is left."""
+    contrast = ink_contrast(working_copy(grey_levels(image)))
+    labels, regions = ink_regions(contrast)
+    if not regions:
+        raise NoDigit("no digit found")
+    return contrast, labels, regions
+
+
+def to_mnist(image):
+    """PIL image of a digit, any size, colour or polarity -> float32 (28, 28, 1) in [0, 1],
+    white digit on black, as MNIST's. Raises NoDigit for a blank image."""
+    contrast, labels, regions = analyse(image)
+    return mnist_frame(digit_ink(contrast, labels, pick_digit(regions, labels.shape)))
+
+
+def row_to_mnist(image):
+    """PIL image of a row of separate digits -> float32 (k, 28, 28, 1), one MNIST frame per
+    digit, left to right. Raises NoDigit for a blank image."""
+    contrast, labels, regions = analyse(image)
+    groups = group_row(regions, labels.shape)
+    return np.stack([mnist_frame(digit_ink(contrast, labels, g)) for g in groups])
