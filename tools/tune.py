@@ -196,20 +196,33 @@ def open_storage(url, heartbeat_s):
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise PipelineError(f"--storage: not a database URL: {url!r}") from None
+    engine_url = url
+    if parsed.drivername == "postgresql":
+        # SQLAlchemy 2.1 picks psycopg 3 for a bare postgresql://; the lock files pin
+        # psycopg2-binary (self-contained wheels), so name its driver.
+        engine_url = parsed.set(drivername="postgresql+psycopg2").render_as_string(
+            hide_password=False
+        )
     engine = {}
     if url.startswith("sqlite:"):
         # Workers on one machine may share the file: wait for its lock instead of failing.
         engine = {"connect_args": {"timeout": 60}}
     try:
         return optuna.storages.RDBStorage(
-            url,
+            engine_url,
             engine_kwargs=engine,
             heartbeat_interval=heartbeat_s,
             grace_period=3 * heartbeat_s,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
-    except sqlalchemy.exc.ArgumentError:
-        raise PipelineError(f"--storage: not a database URL: {url!r}") from None
+    except ImportError as e:
+        raise PipelineError(f"--storage: no driver for {shown_url(url)}: {e}") from None
     except sqlalchemy.exc.NoSuchModuleError as e:
         raise PipelineError(f"--storage: unknown database kind in {shown_url(url)}: {e}") from None
     except sqlalchemy.exc.OperationalError as e:
