@@ -207,7 +207,7 @@ def measure(run, digits, labels, seed, out_dir, samples):
     correct = run(prepare.scale_images(digits)).argmax(axis=1) == labels
     n = len(digits) // ROW_DIGITS
     row_raw = correct[: n * ROW_DIGITS].reshape(n, ROW_DIGITS).all(axis=1)
-    table = [{"condition": "raw 28x28 test images", "images": len(digits), "raw": 1.0}]
+    table = [{"condition": "raw 28x28 test images", "images": len(digits), "raw": None}]
     table[0]["accuracy"] = float(correct.mean())
     start = time.perf_counter()
     for i, (name, effects) in enumerate([*PAPER.items(), (ROW, ROW_EFFECTS)]):
@@ -216,7 +216,8 @@ def measure(run, digits, labels, seed, out_dir, samples):
         groups = digits[: n * ROW_DIGITS].reshape(n, ROW_DIGITS, 28, 28) if row else digits[:, None]
         photos = [photograph(g, effects, rng) for g in groups]
         save_samples(photos, name, out_dir, samples)
-        truth = ["".join(map(str, ls)) for ls in (labels[: n * ROW_DIGITS].reshape(n, -1) if row else labels[:, None])]
+        truths = labels[: n * ROW_DIGITS].reshape(n, -1) if row else labels[:, None]
+        truth = ["".join(map(str, t)) for t in truths]
         read = read_all(run, photos, number=row)
         right = np.array([a == b for a, b in zip(read, truth, strict=True)])
         table.append(
@@ -234,11 +235,10 @@ def measure(run, digits, labels, seed, out_dir, samples):
 def format_table(table):
     lines = [f"{'condition':40} {'images':>6} {'accuracy':>8} {'raw':>6} {'points':>6}"]
     for row in table:
-        points = 100 * (row["accuracy"] - row["raw"]) if row["raw"] != 1.0 else None
-        lines.append(
-            f"{row['condition']:40} {row['images']:6d} {row['accuracy']:8.2%} "
-            + ("" if points is None else f"{row['raw']:6.2%} {points:+6.2f}")
-        )
+        line = f"{row['condition']:40} {row['images']:6d} {row['accuracy']:8.2%}"
+        if row["raw"] is not None:
+            line += f" {row['raw']:6.2%} {100 * (row['accuracy'] - row['raw']):+6.2f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -246,7 +246,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="how many test digits")
     parser.add_argument("--model", help="a .onnx or .keras file (default: as predict)")
-    parser.add_argument("--raw", help="directory of the MNIST .gz files (default: $MNIST_MIRROR, else data/raw)")
+    parser.add_argument("--raw", help="the MNIST .gz files (default: $MNIST_MIRROR, else data/raw)")
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=4, help="images kept per condition")
@@ -259,13 +259,16 @@ def main(argv=None):
     digits = prepare.read_idx(raw / images_file, 3)[: args.n]
     labels = prepare.read_idx(raw / labels_file, 1)[: args.n]
     out = Path(args.out)
-    table, seconds = measure(predictor.predict, digits, labels, args.seed, out / "samples", args.samples)
+    table, seconds = measure(
+        predictor.predict, digits, labels, args.seed, out / "samples", args.samples
+    )
     write_json(
         out / "predict_real_world.json",
         {"model": predictor.source, "seed": args.seed, "machine": machine(), "table": table},
     )
     print(
-        f"MNIST test digits photographed on paper (seed {args.seed}); model: {predictor.source}\n"
+        f"MNIST test digits photographed on paper (seed {args.seed}), "
+        f"model {predictor.source}\n"
         f"{format_table(table)}\n"
         f"raw: the model on the same test digits as 28x28 images (for rows: all three right); "
         f"points: accuracy - raw\n{seconds:.0f} s to render and read; samples in {out / 'samples'}"

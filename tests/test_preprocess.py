@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench import predict_real_world as real_world
+from stages import prepare
+from tests.conftest import HAVE_MNIST, MNIST_MIRROR
 from tools import preprocess
 
 
@@ -181,3 +184,93 @@ def test_a_bomb_under_the_limit_of_pil_is_refused_before_decoding(monkeypatch):
     with pytest.raises(preprocess.BadImage):
         preprocess.read_image(png_header_only(8_000, 6_000), "bomb.png")  # 48 MP, PIL allows it
     assert decoded == []
+
+
+def block_on(pixels):
+    """Draws a black 40 x 10 block at rows 30-69, columns 50-59 onto `pixels` (uint8)."""
+    pixels[30:70, 50:60] = 0
+    return preprocess.to_mnist(Image.fromarray(pixels))[..., 0]
+
+
+# What a 40 x 10 block becomes: scaled by 1/2 to 20 x 5, centre of mass (9.5, 2) at (14, 14).
+BLOCK = ones_at(slice(5, 25), slice(12, 17))
+
+
+def test_ruled_and_squared_lines_are_removed_and_the_strokes_crossing_them_kept():
+    ruled = canvas(120, 120)
+    ruled[10::20, :] = 150  # 1-pixel grey lines, 20 apart; rows 50 and 70 cross the block
+    np.testing.assert_allclose(block_on(ruled), BLOCK, atol=1e-6)
+    squared = canvas(120, 120)
+    squared[5::15, :] = 170
+    squared[:, 7::15] = 170  # column 52 runs down the block
+    np.testing.assert_allclose(block_on(squared), BLOCK, atol=1e-6)
+
+
+def test_a_long_stroke_alone_is_not_taken_for_a_ruled_line():
+    pixels = canvas(100, 100)
+    pixels[5:95, 45:48] = 0  # 90% of the height, 3 wide, as thin as a line
+    x = preprocess.to_mnist(Image.fromarray(pixels))[..., 0]
+    assert (np.count_nonzero(x.max(axis=1) > 0.5), x.sum() > 10) == (20, True)
+
+
+def test_the_sheets_edge_and_a_pen_at_the_border_are_not_the_digit():
+    pixels = canvas(120, 120)
+    pixels[:, :14] = 60  # the desk beyond the sheet, along the left edge
+    pixels[104:110, 60:] = 20  # a pen coming in from the right edge, bigger than the digit
+    np.testing.assert_allclose(block_on(pixels), BLOCK, atol=1e-6)
+
+
+def test_a_shadow_across_the_digit_changes_nothing():
+    pixels = canvas(120, 120)
+    pixels[:50, :] = 110  # the top of the sheet in shadow, the edge across the block
+    np.testing.assert_allclose(block_on(pixels), BLOCK, atol=1e-6)
+
+
+def test_a_digit_in_two_pieces_is_read_whole():
+    pixels = canvas(120, 120)
+    pixels[30:48, 50:60] = 0
+    pixels[52:70, 50:60] = 0  # a 4-pixel break: the same block, cut
+    x = preprocess.to_mnist(Image.fromarray(pixels))[..., 0]
+    rows, cols = np.nonzero(x.max(axis=1) > 0.5)[0], np.nonzero(x.max(axis=0) > 0.5)[0]
+    # Both pieces, 20 x 5 as the whole block; the break, halved to 2 pixels, at rows 14-15.
+    assert rows.tolist() == [*range(5, 14), *range(16, 25)]
+    assert cols.tolist() == list(range(12, 17))
+
+
+def test_a_row_gives_one_frame_per_digit_left_to_right():
+    pixels = canvas(100, 200)
+    pixels[20:80, 150:165] = 0  # right: 60 x 15 -> 20 x 5
+    pixels[30:70, 40:60] = 0  # left: 40 x 20 -> 20 x 10
+    pixels[90:93, 100:103] = 0  # a speck between them, no digit
+    frames = preprocess.row_to_mnist(Image.fromarray(pixels))
+    assert frames.shape == (2, 28, 28, 1) and frames.dtype == np.float32
+    np.testing.assert_allclose(frames[0, ..., 0], ones_at(slice(5, 25), slice(10, 20)), atol=1e-6)
+    np.testing.assert_allclose(frames[1, ..., 0], ones_at(slice(5, 25), slice(12, 17)), atol=1e-6)
+    # As one digit, the image is its largest region: the left block (800 pixels, not 900?
+    # no: 60 x 15 = 900 > 40 x 20 = 800, so the right one).
+    single = preprocess.to_mnist(Image.fromarray(pixels))[..., 0]
+    np.testing.assert_allclose(single, ones_at(slice(5, 25), slice(12, 17)), atol=1e-6)
+    with pytest.raises(preprocess.NoDigit, match=r"^no digit found$"):
+        preprocess.row_to_mnist(Image.fromarray(canvas(100, 200)))
+
+
+@pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present")
+@pytest.mark.parametrize("condition", [*real_world.PAPER, real_world.ROW])
+def test_each_photo_condition_gives_back_the_mnist_digits(condition):
+    """12 test digits photographed under `condition` (the benchmark's renderer): the prepared
+    frames match the original 28x28 digits pixel for pixel (correlation), as a model needs."""
+    images_file = MNIST_MIRROR / prepare.SOURCES["test"][0]
+    digits = prepare.read_idx(images_file, 3)[:12]
+    rng = np.random.default_rng(7)
+    row = condition == real_world.ROW
+    effects = real_world.ROW_EFFECTS if row else real_world.PAPER[condition]
+    groups = digits.reshape(4, 3, 28, 28) if row else digits[:, None]
+    correlations = []
+    for group in groups:
+        data, _ = real_world.photograph(group, effects, rng)
+        image = preprocess.read_image(data, condition)
+        frames = preprocess.row_to_mnist(image) if row else preprocess.to_mnist(image)[None]
+        assert len(frames) == len(group)
+        for frame, digit in zip(frames, group, strict=True):
+            correlations.append(np.corrcoef(frame.ravel(), digit.ravel())[0, 1])
+    assert np.mean(correlations) > 0.85 and min(correlations) > 0.6, correlations

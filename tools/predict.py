@@ -1,12 +1,14 @@
 """Predict: which digit is in each image, from anyone's PNG, JPEG, BMP, GIF or WebP files.
 
-    python -m tools.predict IMAGE... [--json] [--model PATH]      (`-` reads standard input)
+    python -m tools.predict IMAGE... [--number] [--json] [--model PATH]   (`-`: stdin)
 
-Each image is prepared as MNIST was (tools/preprocess.py), then classified by the exported
-ONNX model through onnxruntime when the export stage has written it (no TensorFlow import:
-fast start), else by the trained .keras model. Prints per file the digit, its probability
-and the runner-up; a bad file gets one `Error: FILE: reason` line on stderr and the others
-are still predicted; the exit code is 1 if any file failed.
+Each image, a scan, a drawing or a photo of paper, is prepared as MNIST was
+(tools/preprocess.py), then classified by the exported ONNX model through onnxruntime when
+the export stage has written it (no TensorFlow import: fast start), else by the trained
+.keras model. Prints per file the digit, its probability and the runner-up; with --number,
+the digits of a row read left to right as one number, with each digit's probability. A
+bad file gets one `Error: FILE: reason` line on stderr and the others are still
+predicted; the exit code is 1 if any file failed.
 """
 
 import argparse
@@ -105,20 +107,32 @@ def describe(p):
     }
 
 
-def classify(predictor, names, stdin=None):
+def describe_number(probs):
+    """Probabilities (k, 10), left to right -> {"number", "digits": [describe(p), ...]}."""
+    digits = [describe(p) for p in probs]
+    return {"number": "".join(str(d["digit"]) for d in digits), "digits": digits}
+
+
+def classify(predictor, names, stdin=None, number=False):
     """One result per name, in order: {"file", "digit", "probability", "runner_up",
-    "probabilities"} or {"file", "error"}."""
+    "probabilities"}, with `number` {"file", "number", "digits": [...]}, or {"file",
+    "error"}."""
     results = []
     for name in names:
         try:
-            probs = image_probabilities(predictor.predict, read_input(name, stdin), label(name))
-            results.append({"file": label(name), **describe(probs[0])})
+            data = read_input(name, stdin)
+            probs = image_probabilities(predictor.predict, data, label(name), number)
+            answer = describe_number(probs) if number else describe(probs[0])
+            results.append({"file": label(name), **answer})
         except (preprocess.BadImage, preprocess.NoDigit) as e:
             results.append({"file": label(name), "error": str(e)})
     return results
 
 
 def format_line(result):
+    if "number" in result:
+        each = ", ".join(f"{d['digit']} p={d['probability']:.3f}" for d in result["digits"])
+        return f"{result['file']}: {result['number']} ({each})"
     return (
         f"{result['file']}: {result['digit']} (p={result['probability']:.3f}), "
         f"runner-up {result['runner_up']['digit']} (p={result['runner_up']['probability']:.3f})"
@@ -130,9 +144,12 @@ def main(argv=None):
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files; - for stdin")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--model", help="a .onnx or .keras file (default: the exported ONNX)")
+    parser.add_argument(
+        "--number", action="store_true", help="read a row of separate digits, left to right"
+    )
     args = parser.parse_args(argv)
     predictor = load_predictor(args.model)
-    results = classify(predictor, args.images)
+    results = classify(predictor, args.images, number=args.number)
     if args.json:
         print(json.dumps({"model": predictor.source, "results": results}, indent=2))
     for result in results:

@@ -130,27 +130,35 @@ def working_copy(grey, side=WORK_SIDE):
     return np.asarray(resized, dtype=np.float64)
 
 
+def pooled(image, side=64):
+    """(block-averaged copy about `side` pixels on its shorter side, block size)."""
+    height, width = image.shape
+    f = max(1, min(height, width) // side)
+    blocks = image[: height // f * f, : width // f * f]
+    return blocks.reshape(height // f, f, width // f, f).mean(axis=(1, 3)), f
+
+
 def as_paper(grey):
-    """Grey levels -> the same with the ink darker than the background: inverted when the
-    light tail of the histogram is the longer one (light strokes on a dark canvas)."""
-    dark, middle, light = np.percentile(grey, [0.5, 50, 99.5])
-    return grey if middle - dark >= light - middle else 1.0 - grey
+    """Grey levels -> the same with the ink darker than the background: inverted when,
+    against a local median (which follows shadow edges, whatever the polarity), the light
+    tail is the longer one (light strokes on a dark canvas)."""
+    small, _ = pooled(grey, 32)  # a median filter is slow; the tails show at this size
+    detail = small - ndimage.median_filter(small, size=max(3, min(small.shape) // 3) | 1)
+    dark, light = np.percentile(detail, [0.5, 99.5])
+    return grey if -dark >= light else 1.0 - grey
 
 
 def background(paper):
     """The paper's local brightness: a grey closing (dark strokes narrower than the square
     vanish, gradients and shadow edges stay) with a square a third of the shorter side,
     computed on a block-averaged copy about 64 pixels on its shorter side, then upsampled."""
-    height, width = paper.shape
-    f = max(1, min(height, width) // 64)  # block size
-    blocks = paper[: height // f * f, : width // f * f]
-    small = blocks.reshape(height // f, f, width // f, f).mean(axis=(1, 3))
+    small, f = pooled(paper)
     side = max(3, min(small.shape) // 3) | 1  # odd
     closed = morphology.closing(small, morphology.footprint_rectangle((side, side)))
     if f == 1:
         return closed
     upsampled = Image.fromarray(closed.astype(np.float32), mode="F").resize(
-        (width, height), Image.Resampling.BILINEAR
+        paper.shape[::-1], Image.Resampling.BILINEAR
     )
     return np.maximum(np.asarray(upsampled, dtype=np.float64), paper)
 
@@ -188,20 +196,19 @@ def line_pixels(mask, horizontal):
     tilt = np.arange(-np.deg2rad(MAX_TILT), np.deg2rad(MAX_TILT) + step / 2, step)
     votes, angles, distances = transform.hough_line(mask, theta=tilt + (np.pi / 2) * horizontal)
     found = np.zeros_like(mask)
-    runs = {j: thin_runs(votes[:, j] >= LINE_SHARE * length) for j in range(len(angles))}
-    runs = {j: r for j, r in runs.items() if r}
-    if not runs:
+    runs = [thin_runs(votes[:, j] >= LINE_SHARE * length) for j in range(len(angles))]
+    # The paper's lines are parallel: the one angle whose lines hold the most pixels.
+    j = int(np.argmax([sum(votes[a : b + 1, j].sum() for a, b in r) for j, r in enumerate(runs)]))
+    if not runs[j]:
         return found
     rows, cols = np.nonzero(mask)
-    offset = -distances[0]
-    for j, strips in runs.items():
-        index = np.round(cols * np.cos(angles[j]) + rows * np.sin(angles[j]) + offset)
-        bins = np.zeros(len(distances) + 2, bool)  # a strip either side: antialiased edges
-        for first, last in strips:
-            bins[max(first - 1, 0) : last + 2] = True
-        on_line = bins[index.astype(int)]
-        found[rows[on_line], cols[on_line]] = True
-    if max(len(r) for r in runs.values()) < 2:
+    index = np.round(cols * np.cos(angles[j]) + rows * np.sin(angles[j]) - distances[0])
+    bins = np.zeros(len(distances) + 2, bool)  # and a strip either side: antialiased edges
+    for first, last in runs[j]:
+        bins[max(first - 1, 0) : last + 2] = True
+    on_line = bins[index.astype(int)]
+    found[rows[on_line], cols[on_line]] = True
+    if len(runs[j]) < 2:
         along = np.nonzero(found)[1 if horizontal else 0]
         if along.min() > EDGE * length or along.max() < (1 - EDGE) * length - 1:
             return np.zeros_like(mask)
@@ -209,29 +216,30 @@ def line_pixels(mask, horizontal):
 
 
 def remove_lines(mask, faint):
-    """The mask without ruled or squared paper's lines, found in the `faint` mask (lower
-    threshold: light lines whole); where a stroke crosses a line, the line's pixels between
-    the stroke's two sides are kept."""
+    """(mask, lines): the mask without ruled or squared paper's lines, found in the `faint`
+    mask (lower threshold: light lines whole), and those lines' pixels; where a stroke
+    crosses a line, the line's pixels between the stroke's two sides stay in the mask."""
+    removed = np.zeros_like(mask)
     for horizontal in (True, False):
-        lines = line_pixels(faint, horizontal)
+        lines = line_pixels(faint & ~removed, horizontal)
         if lines.any():
             kept = mask & ~lines
             across = (2 * LINE_GAP + 1, 1) if horizontal else (1, 2 * LINE_GAP + 1)
             bridged = ndimage.binary_closing(kept, np.ones(across, bool))
             mask = kept | (mask & lines & bridged)
-            faint = faint & ~lines
-    return mask
+            removed |= lines & ~mask
+    return mask, removed
 
 
 def ink_regions(contrast):
-    """Ink contrast -> (labels, regions): the connected ink regions (scikit-image
-    regionprops) left after the lines and specks are removed."""
+    """Ink contrast -> (contrast without the paper's lines, labels, regions): the connected
+    ink regions (scikit-image regionprops) left after the lines and specks are removed."""
     threshold = max(filters.threshold_otsu(contrast), MIN_CONTRAST)
-    mask = remove_lines(contrast > threshold, contrast > threshold / 2)
+    mask, lines = remove_lines(contrast > threshold, contrast > threshold / 2)
     speck = max(2, round(SPECK * mask.size))
     mask = morphology.remove_small_objects(mask, max_size=speck, connectivity=2)
     labels = measure.label(mask, connectivity=2)
-    return labels, measure.regionprops(labels)
+    return np.where(lines, 0.0, contrast), labels, measure.regionprops(labels)
 
 
 def touches_edge(region, shape):
@@ -256,10 +264,10 @@ def near(a, b, gap):
 
 def pick_digit(regions, shape):
     """The regions that make the digit: the largest candidate by ink area, and every piece
-    of at least PIECE of its area within a fifth of its size of it, repeatedly."""
+    of at least PIECE of its area within a quarter of its size of it, repeatedly."""
     digits, pieces = candidates(regions, shape)
     seed = max(digits, key=lambda r: r.area)
-    gap = 0.2 * max(seed.image.shape)
+    gap = 0.25 * max(seed.image.shape)
     chosen, box = [seed], list(seed.bbox)
     others = [r for r in pieces if r is not seed and r.area >= PIECE * seed.area]
     grown = True
@@ -275,8 +283,8 @@ def pick_digit(regions, shape):
 
 def group_row(regions, shape):
     """The digits of a row, left to right, each a list of regions: candidates and pieces
-    that share columns are one digit; groups under half the tallest one's height are
-    dropped (specks, a dash)."""
+    that share columns are one digit; groups whose longer side is under half the tallest
+    candidate's height are dropped (specks, a comma)."""
     digits, pieces = candidates(regions, shape)
     tallest = max(r.image.shape[0] for r in digits)
     parts = sorted(
@@ -291,8 +299,14 @@ def group_row(regions, shape):
         else:
             groups.append([[r], r.bbox[3]])
     groups = [g for g, _ in groups]
-    height = [max(r.bbox[2] for r in g) - min(r.bbox[0] for r in g) for g in groups]
-    return [g for g, h in zip(groups, height, strict=True) if h >= 0.5 * max(height)]
+    return [g for g in groups if longer_side(g) >= 0.5 * tallest]
+
+
+def longer_side(regions):
+    """The longer side of the bounding box of several regions."""
+    top, left = min(r.bbox[0] for r in regions), min(r.bbox[1] for r in regions)
+    bottom, right = max(r.bbox[2] for r in regions), max(r.bbox[3] for r in regions)
+    return max(bottom - top, right - left)
 
 
 def digit_ink(contrast, labels, chosen):
@@ -353,8 +367,7 @@ def mnist_frame(ink):
 
 def analyse(image):
     """PIL image -> (ink contrast, labels, regions); NoDigit when no ink region is left."""
-    contrast = ink_contrast(working_copy(grey_levels(image)))
-    labels, regions = ink_regions(contrast)
+    contrast, labels, regions = ink_regions(ink_contrast(working_copy(grey_levels(image))))
     if not regions:
         raise NoDigit("no digit found")
     return contrast, labels, regions

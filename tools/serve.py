@@ -5,6 +5,9 @@
 GET  /         the page (tools/static/): draw on a canvas, see the ten probabilities live
 POST /predict  an image as the raw body (PNG, JPEG, ... as `predict` takes) -> JSON
                {"digit": 7, "probabilities": [10 floats], "ms": 3.1}
+POST /predict?number=1  a row of separate digits, read left to right -> JSON
+               {"number": "42", "digits": [{"digit": 4, "probability": 0.99,
+                "probabilities": [10 floats]}, ...], "ms": 4.0}
 GET  /health   {"status": "ok", "model": ..., "revision": ..., "test_accuracy": ...}
 Errors are JSON {"error": "..."}: 400 not an image, 413 body over 1 MiB, 422 no digit
 found (a readable image with nothing drawn on it). The model is loaded before the server
@@ -103,14 +106,24 @@ def create_app(predictor, revision="unknown", accuracy=None):
         with lock:
             return predictor.predict(x)
 
-    def classify(data):
+    def classify(data, number):
         start = time.perf_counter()
-        probs = image_probabilities(run, data, "upload")[0]
-        ms = 1000 * (time.perf_counter() - start)
+        probs = image_probabilities(run, data, "upload", number)
+        ms = round(1000 * (time.perf_counter() - start), 2)
+        if number:
+            digits = [
+                {
+                    "digit": int(p.argmax()),
+                    "probability": round(float(p.max()), 6),
+                    "probabilities": [round(float(v), 6) for v in p],
+                }
+                for p in probs
+            ]
+            return {"number": "".join(str(d["digit"]) for d in digits), "digits": digits, "ms": ms}
         return {
-            "digit": int(probs.argmax()),
-            "probabilities": [round(float(p), 6) for p in probs],
-            "ms": round(ms, 2),
+            "digit": int(probs[0].argmax()),
+            "probabilities": [round(float(p), 6) for p in probs[0]],
+            "ms": ms,
         }
 
     @app.get("/", response_class=HTMLResponse)
@@ -127,13 +140,13 @@ def create_app(predictor, revision="unknown", accuracy=None):
         }
 
     @app.post("/predict")
-    async def predict(request: Request):
+    async def predict(request: Request, number: bool = False):
         try:
             data = await read_body(request)
         except TooLarge:
             return error(413, f"image over the {MAX_BODY // 1024 // 1024} MiB limit")
         try:
-            return await run_in_threadpool(classify, data)
+            return await run_in_threadpool(classify, data, number)
         except preprocess.NoDigit:
             # 422: a valid image whose content cannot be classified (nothing drawn yet).
             return error(422, "no digit found")
