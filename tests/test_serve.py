@@ -259,3 +259,21 @@ def test_load_summary_counts_errors_and_takes_percentiles_of_what_came_back():
         "server_ms": {"p50": 6.0, "p95": 9.6, "p99": 9.9},
         "accuracy": 4 / 6,  # 9 for a 2, and no answer for the 5
     }
+
+
+def test_number_reads_each_digit_of_a_row_left_to_right(client, predictor):
+    canvas = np.zeros((280, 560), np.uint8)
+    canvas[50:230, 130:150] = 255  # the drawn 1, twice, side by side
+    canvas[50:230, 400:420] = 255
+    response = client.post("/predict?number=1", content=png(canvas))
+    assert response.status_code == 200
+    answer = response.json()
+    assert sorted(answer) == ["digits", "ms", "number"]
+    x = preprocess.to_mnist(preprocess.read_image(drawn_one(), "upload"))
+    expected = np.asarray(predictor.predict(x[np.newaxis]))[0]  # each is the 1 alone
+    assert answer["number"] == 2 * str(int(expected.argmax()))
+    for digit in answer["digits"]:
+        assert digit["probabilities"] == pytest.approx(expected.tolist(), abs=1e-6)
+        assert digit["probability"] == pytest.approx(float(expected.max()), abs=1e-6)
+    blank = client.post("/predict?number=1", content=png(np.zeros((280, 560))))
+    assert (blank.status_code, blank.json()) == (422, {"error": "no digit found"})
