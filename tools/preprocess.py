@@ -192,11 +192,14 @@ def line_pixels(mask, horizontal):
     runs from edge to edge: a digit's long stroke is neither."""
     height, width = mask.shape
     length = width if horizontal else height
+    found = np.zeros_like(mask)
+    if mask.any(axis=0 if horizontal else 1).mean() < LINE_SHARE:
+        return found  # too few columns (rows) hold ink for any line: skip the transform
     step = min(np.deg2rad(0.5), 2.0 / length)  # a line drifts at most 1 px within its strip
     tilt = np.arange(-np.deg2rad(MAX_TILT), np.deg2rad(MAX_TILT) + step / 2, step)
     votes, angles, distances = transform.hough_line(mask, theta=tilt + (np.pi / 2) * horizontal)
-    found = np.zeros_like(mask)
-    runs = [thin_runs(votes[:, j] >= LINE_SHARE * length) for j in range(len(angles))]
+    strong = votes >= LINE_SHARE * length
+    runs = [thin_runs(strong[:, j]) if strong[:, j].any() else [] for j in range(len(angles))]
     # The paper's lines are parallel: the one angle whose lines hold the most pixels.
     j = int(np.argmax([sum(votes[a : b + 1, j].sum() for a, b in r) for j, r in enumerate(runs)]))
     if not runs[j]:
@@ -234,7 +237,8 @@ def remove_lines(mask, faint):
 def ink_regions(contrast):
     """Ink contrast -> (contrast without the paper's lines, labels, regions): the connected
     ink regions (scikit-image regionprops) left after the lines and specks are removed."""
-    threshold = max(filters.threshold_otsu(contrast), MIN_CONTRAST)
+    # Otsu's threshold from every other row and column: the same histogram, 4x faster.
+    threshold = max(filters.threshold_otsu(contrast[::2, ::2]), MIN_CONTRAST)
     mask, lines = remove_lines(contrast > threshold, contrast > threshold / 2)
     speck = max(2, round(SPECK * mask.size))
     mask = morphology.remove_small_objects(mask, max_size=speck, connectivity=2)
@@ -312,8 +316,13 @@ def longer_side(regions):
 def digit_ink(contrast, labels, chosen):
     """The chosen regions' ink, with the antialiased rim around them, on a 0 background;
     stretched so that the strokes reach 1, as MNIST's do."""
-    inside = np.isin(labels, [r.label for r in chosen])
-    rim = ndimage.binary_dilation(inside, np.ones((3, 3), bool))
+    top, left = (max(0, min(r.bbox[i] for r in chosen) - 1) for i in (0, 1))
+    bottom, right = (max(r.bbox[i] for r in chosen) + 1 for i in (2, 3))
+    window = (slice(top, bottom), slice(left, right))  # the regions and a 1-pixel rim
+    inside = np.zeros(labels.shape, bool)
+    inside[window] = np.isin(labels[window], [r.label for r in chosen])
+    rim = np.zeros_like(inside)
+    rim[window] = ndimage.binary_dilation(inside[window], np.ones((3, 3), bool))
     ink = np.where(rim, contrast, 0.0)
     peak = np.percentile(contrast[inside], 99)
     return np.clip(ink / peak, 0.0, 1.0)
