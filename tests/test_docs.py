@@ -292,13 +292,13 @@ def test_every_sample_block_names_a_sample_and_holds_real_output():
 
 
 def test_replace_samples_rewrites_only_the_marked_blocks():
-    text = ("intro\n<!-- sample: a -->\n```\nold a\n```\n<!-- /sample -->\nmiddle\n"
-            "<!-- sample: b -->\n<!-- /sample -->\nend <!-- sample: a -->\nstale\n<!-- /sample -->\n")
+    text = ("intro `<!-- sample: quoted -->`\n<!-- sample: a -->\n```\nold a\n```\n<!-- /sample -->\nmiddle\n"
+            "<!-- sample: b -->\n<!-- /sample -->\nend\n<!-- sample: a -->\nstale\n<!-- /sample -->\n")
     samples = {"a": "$ dvc status\nup to date\n\n", "b": "$ ls"}
     assert docs_samples.replace_samples(text, samples) == (
-        "intro\n<!-- sample: a -->\n```\n$ dvc status\nup to date\n```\n<!-- /sample -->\nmiddle\n"
-        "<!-- sample: b -->\n```\n$ ls\n```\n<!-- /sample -->\n"
-        "end <!-- sample: a -->\n```\n$ dvc status\nup to date\n```\n<!-- /sample -->\n"
+        "intro `<!-- sample: quoted -->`\n<!-- sample: a -->\n```\n$ dvc status\nup to date\n```\n<!-- /sample -->\n"
+        "middle\n<!-- sample: b -->\n```\n$ ls\n```\n<!-- /sample -->\n"
+        "end\n<!-- sample: a -->\n```\n$ dvc status\nup to date\n```\n<!-- /sample -->\n"
     )
     assert docs_samples.replace_samples("no markers\n", samples) == "no markers\n"
 

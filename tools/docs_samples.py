@@ -25,9 +25,11 @@ from stages.common import PipelineError, atomic_file, run_cli
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 
-# A block: the opening marker, anything (the previous sample), the closing marker.
-BLOCK = re.compile(r"(<!-- sample: ([\w-]+) -->\n)((?:(?!<!-- sample:).)*?)(<!-- /sample -->)", re.DOTALL)
-OPENING = re.compile(r"<!-- sample: ([\w-]+) -->")
+# A block: the opening marker, anything (the previous sample), the closing marker, each
+# marker a line of its own (a marker quoted in a sentence is not one).
+BLOCK = re.compile(r"^(<!-- sample: ([\w-]+) -->\n)((?:(?!<!-- sample:).)*?)^(<!-- /sample -->)$",
+                   re.DOTALL | re.MULTILINE)
+OPENING = re.compile(r"^<!-- sample: ([\w-]+) -->$", re.MULTILINE)
 # What collect() produces; the docs' markers may name only these.
 SAMPLES = ("compare", "per-class-diff", "exp-show", "push", "pull")
 
@@ -188,6 +190,7 @@ def main(argv=None):
                              "reproduces that baseline, prints the samples, writes nothing")
     args = parser.parse_args(argv)
 
+    rewrite_docs({name: "" for name in SAMPLES}, check=True)  # bad markers fail before any run
     work = Path(tempfile.mkdtemp(prefix="docs-samples-"))
     try:
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(work / "project")], check=True)
