@@ -456,14 +456,14 @@ def feasible(trial, max_fit_s):
     return max_fit_s is None or fit is None or fit <= max_fit_s
 
 
-def best_trial(study, search):
-    """The best complete trial within max_fit_s, or None."""
+def best_trial(study, search, within=True):
+    """The best complete trial (within max_fit_s unless `within` is false), or None."""
     import optuna
 
     done = [
         t
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if feasible(t, search.max_fit_s)
+        if not within or feasible(t, search.max_fit_s)
     ]
     if not done:
         return None
@@ -673,8 +673,11 @@ def report(study, search, out):
     print(f"{search.study}: {len(states)} trials ({counts})")
     best = best_trial(study, search)
     if best is None:
-        print("No complete trial yet.")
-        return
+        best = best_trial(study, search, within=False)
+        if best is None:
+            print("No complete trial yet.")
+            return
+        print(f"No complete trial fit within max_fit_s = {search.max_fit_s:g} s; the best of all:")
     fit = best.user_attrs.get("fit_s")
     fit_text = "" if fit is None else f", fit {fit:.2f} s"
     print(f"Best: trial {best.number}, {search.objective.metric} {best.value:.4f} (validation){fit_text}")
