@@ -166,16 +166,12 @@ def collect(scratch):
 
 def rewrite_docs(samples, check):
     """Rewrites the sample blocks of the docs; returns the files that changed (or would)."""
-    changed = []
-    for name in DOCS:
-        path = ROOT / name
-        text = path.read_text()
-        new = replace_samples(text, samples)
-        if new != text:
-            changed.append(name)
-            if not check:
-                with atomic_file(path) as tmp:
-                    tmp.write_text(new)
+    texts = {name: (ROOT / name).read_text() for name in DOCS}
+    new = {name: replace_samples(text, samples) for name, text in texts.items()}  # all, then write
+    changed = [name for name in DOCS if new[name] != texts[name]]
+    for name in changed if not check else []:
+        with atomic_file(ROOT / name) as tmp:
+            tmp.write_text(new[name])
     return changed
 
 
