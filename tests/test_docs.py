@@ -303,6 +303,8 @@ def test_replace_samples_rewrites_only_the_marked_blocks():
         "end\n<!-- sample: a -->\n```\n$ dvc status\nup to date\n```\n<!-- /sample -->\n"
     )
     assert docs_samples.replace_samples("no markers\n", samples) == "no markers\n"
+    assert docs_samples.replace_samples("<!-- sample: b -->\nold\n<!-- /sample -->\n", samples, "<sub>x</sub>") == (
+        "<!-- sample: b -->\n```\n$ ls\n```\n<sub>x</sub>\n<!-- /sample -->\n")
 
 
 def test_replace_samples_refuses_an_unknown_name_or_an_unclosed_marker():

@@ -37,9 +37,10 @@ SAMPLES = ("compare", "per-class-diff", "exp-show", "push", "pull")
 EXP_COLUMNS = "Experiment|^accuracy$|^errors$|^loss$|train.model|train.seed"
 
 
-def replace_samples(text, samples):
-    """Returns `text` with the body of every sample block set to samples[NAME], fenced.
-    Raises PipelineError for a block whose NAME has no sample or an unclosed marker."""
+def replace_samples(text, samples, note=""):
+    """Returns `text` with the body of every sample block set to samples[NAME], fenced,
+    then `note` (where and how it ran) when given. Raises PipelineError for a block whose
+    NAME has no sample or an unclosed marker."""
     opened = OPENING.findall(text)
     closed = [m.group(2) for m in BLOCK.finditer(text)]
     if opened != closed:
@@ -50,7 +51,8 @@ def replace_samples(text, samples):
         name = match.group(2)
         if name not in samples:
             raise PipelineError(f"no sample named '{name}' (known: {', '.join(sorted(samples))})")
-        return f"{match.group(1)}```\n{samples[name].rstrip()}\n```\n{match.group(4)}"
+        after = f"{note}\n" if note else ""
+        return f"{match.group(1)}```\n{samples[name].rstrip()}\n```\n{after}{match.group(4)}"
 
     return BLOCK.sub(body, text)
 
@@ -164,10 +166,18 @@ def collect(scratch):
     return samples
 
 
-def rewrite_docs(samples, check):
+def provenance(scratch):
+    """One line naming the command, the commit and the machine the samples come from."""
+    commit = scratch.run("git rev-parse --short main").strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    return f"<sub>`python -m tools.docs_samples` on commit {commit}'s baseline; {cpu}, {os.cpu_count()} cores.</sub>"
+
+
+def rewrite_docs(samples, check, note=""):
     """Rewrites the sample blocks of the docs; returns the files that changed (or would)."""
     texts = {name: (ROOT / name).read_text() for name in DOCS}
-    new = {name: replace_samples(text, samples) for name, text in texts.items()}  # all, then write
+    new = {name: replace_samples(text, samples, note) for name, text in texts.items()}  # all, then write
     changed = [name for name in DOCS if new[name] != texts[name]]
     for name in changed if not check else []:
         with atomic_file(ROOT / name) as tmp:
@@ -192,6 +202,7 @@ def main(argv=None):
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(work / "project")], check=True)
         scratch = Scratch(work / "project")
         bring_baseline(scratch, args.cache.resolve(), args.repro, args.set)
+        note = provenance(scratch)
         samples = collect(scratch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -199,7 +210,7 @@ def main(argv=None):
         for name, text in samples.items():
             print(f"<!-- sample: {name} -->\n{text}\n<!-- /sample -->")
         return
-    changed = rewrite_docs(samples, args.check)
+    changed = rewrite_docs(samples, args.check, note)
     verb = "stale" if args.check else "rewrote"
     print(f"docs_samples: {verb}: {', '.join(changed) or 'nothing'}")
     if args.check and changed:
