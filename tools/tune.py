@@ -644,19 +644,25 @@ def write_figures(study, out):
     matplotlib.use("Agg")
     from optuna.visualization import matplotlib as plots
 
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(complete) < 2:
         return []
+    import numpy as np
+    from matplotlib.ticker import NullFormatter
+
     written = []
     for name, plot in (
         ("history", plots.plot_optimization_history),
         ("importances", plots.plot_param_importances),
         ("slice", plots.plot_slice),
     ):
-        ax = plot(study)
-        axes = ax if hasattr(ax, "__len__") else [ax]
+        axes = np.atleast_1d(plot(study))  # the slice plot: one Axes per parameter
+        for ax in axes:
+            if ax.get_xscale() == "log":  # minor labels (2x10^-3, ...) overlap at this size
+                ax.xaxis.set_minor_formatter(NullFormatter())
         path = Path(out) / f"{name}.png"
-        save_figure(axes[0] if hasattr(axes, "__getitem__") else ax, path)
+        save_figure(axes[0], path)
         written.append(path)
     return written
 
