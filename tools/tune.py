@@ -451,6 +451,12 @@ def finished(study):
     return len(study.get_trials(deepcopy=False, states=states))
 
 
+def running(study):
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+
+
 def feasible(trial, max_fit_s):
     fit = trial.user_attrs.get("fit_s")
     return max_fit_s is None or fit is None or fit <= max_fit_s
@@ -516,6 +522,7 @@ def progress_text(study, search):
 def run_search(study, search, runner, push):
     """Runs trials until the study holds budget.trials finished ones, or this worker's time
     is up. Stops at a failed trial (a broken pipeline, not noise)."""
+    import optuna
     from tqdm import tqdm
 
     trials = search.budget.trials
@@ -527,6 +534,12 @@ def run_search(study, search, runner, push):
     bar.set_postfix_str(progress_text(study, search))
     try:
         while finished(study) < trials and time.monotonic() < deadline:
+            if finished(study) + running(study) >= trials:
+                # Other workers hold the last trials: wait for them, as one may die and
+                # leave its trial to be retried (fail_stale_trials marks and re-enqueues it).
+                time.sleep(search.heartbeat_s)
+                optuna.storages.fail_stale_trials(study)
+                continue
             # One trial per call: Optuna fails stale trials (dead workers), asks, beats the
             # heartbeat while the trial runs and records how it ended.
             study.optimize(runner, n_trials=1, catch=(Surplus,))
