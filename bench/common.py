@@ -29,6 +29,13 @@ def mnist_dir():
     return os.environ.get("MNIST_MIRROR") or str(ROOT / "data" / "raw")
 
 
+def test_digits(n=None, raw=None):
+    """The first n MNIST test images, uint8 (n, 28, 28), and labels, as prepare reads them."""
+    images_file, labels_file = prepare.SOURCES["test"]
+    raw = Path(raw or mnist_dir())
+    return prepare.read_idx(raw / images_file, 3)[:n], prepare.read_idx(raw / labels_file, 1)[:n]
+
+
 def load_params(schema, **overrides):
     """params.yaml's section of a stage's `schema`, with overrides, validated as the stage
     validates it."""

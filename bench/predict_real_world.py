@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from bench.common import machine, mnist_dir
+from bench.common import machine, test_digits
 from stages import prepare
 from stages.common import PipelineError, run_cli, write_json
 from tools import predict, preprocess
@@ -220,25 +220,18 @@ def measure(run, digits, labels, seed, out_dir, samples):
         truth = ["".join(map(str, t)) for t in truths]
         read = read_all(run, photos, number=row)
         right = np.array([a == b for a, b in zip(read, truth, strict=True)])
-        table.append(
-            {
-                "condition": name,
-                "images": len(photos),
-                "accuracy": float(right.mean()),
-                "raw": float(row_raw.mean() if row else correct.mean()),
-                "not_found": sum(r == "" for r in read),
-            }
-        )
+        raw = float(row_raw.mean() if row else correct.mean())
+        not_found = sum(r == "" for r in read)
+        table.append(dict(condition=name, images=len(photos), accuracy=float(right.mean()),
+                          raw=raw, not_found=not_found))  # fmt: skip
     return table, time.perf_counter() - start
 
 
 def format_table(table):
     lines = [f"{'condition':40} {'images':>6} {'accuracy':>8} {'raw':>6} {'points':>6}"]
-    for row in table:
-        line = f"{row['condition']:40} {row['images']:6d} {row['accuracy']:8.2%}"
-        if row["raw"] is not None:
-            line += f" {row['raw']:6.2%} {100 * (row['accuracy'] - row['raw']):+6.2f}"
-        lines.append(line)
+    for r in table:
+        gap = "" if r["raw"] is None else f" {r['raw']:6.2%} {100 * (r['accuracy'] - r['raw']):+6.2f}"
+        lines.append(f"{r['condition']:40} {r['images']:6d} {r['accuracy']:8.2%}{gap}")
     return "\n".join(lines)
 
 
@@ -254,10 +247,7 @@ def main(argv=None):
     if args.n < ROW_DIGITS:
         raise PipelineError(f"--n must be at least {ROW_DIGITS}, got {args.n}")
     predictor = predict.load_predictor(args.model)
-    raw = Path(args.raw or mnist_dir())
-    images_file, labels_file = prepare.SOURCES["test"]
-    digits = prepare.read_idx(raw / images_file, 3)[: args.n]
-    labels = prepare.read_idx(raw / labels_file, 1)[: args.n]
+    digits, labels = test_digits(args.n, args.raw)
     out = Path(args.out)
     table, seconds = measure(
         predictor.predict, digits, labels, args.seed, out / "samples", args.samples

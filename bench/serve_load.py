@@ -25,8 +25,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench.common import ROOT, mnist_dir
-from stages import prepare
+from bench.common import ROOT, test_digits
 from stages.common import PipelineError, run_cli, write_json
 
 WARMUP = 20  # requests before the load: the first calls allocate the runtime's buffers
@@ -79,9 +78,7 @@ def rss_mib(pid, field="VmRSS"):
 
 def load_test_digits(n):
     """The first n MNIST test images as canvas-sized PNG bytes, and their labels."""
-    images_file, labels_file = prepare.SOURCES["test"]
-    images = prepare.read_idx(Path(mnist_dir()) / images_file, 3)
-    labels = prepare.read_idx(Path(mnist_dir()) / labels_file, 1)
+    images, labels = test_digits()
     index = np.arange(n) % len(images)
     bodies = []
     for i in index:

@@ -121,8 +121,7 @@ def plot(runs, path, machine):
         label = (TUTORIAL if tutorial else r["name"]) if first else "_"
         colour = "black" if tutorial else plt.cm.tab10.colors[names.index(r["name"]) % 10]
         seconds, accuracy = np.array(r["points"]).T
-        width = 2.5 if tutorial else 1.5
-        ax.plot(seconds, accuracy * 100, "o-", color=colour, ms=3, lw=width, label=label)
+        ax.plot(seconds, accuracy * 100, "o-", color=colour, ms=3, lw=1 + tutorial, label=label)
     for t in THRESHOLDS:
         ax.axhline(t * 100, color="grey", linestyle=":", linewidth=0.8)
     # From just under the lowest final accuracy: the first epochs of the slower presets
@@ -169,14 +168,13 @@ def main(argv=None):
     data = load_data(**sizes, validation_split=0.0)
     out = Path(args.out)
     results = {"machine": machine(), "test_images": len(data["x_test"]), "runs": []}
-    for name, epochs, seeds in plan:
-        for seed in seeds:
-            run = train_and_clock({"name": name, "epochs": epochs, "seed": seed}, data)
-            results["runs"].append(run)
-            curve = ", ".join(f"{s:.1f} s {a:.2%}" for s, a in run["points"])
-            print(f"{name} seed {seed}: {curve} (fit alone {run['fit_s']:.2f} s)", flush=True)
-            results["summary"] = summarise(results["runs"])
-            write_json(out / "time_to_accuracy.json", results)
+    for name, epochs, seed in [(n, e, s) for n, e, seeds in plan for s in seeds]:
+        run = train_and_clock({"name": name, "epochs": epochs, "seed": seed}, data)
+        results["runs"].append(run)
+        curve = ", ".join(f"{s:.1f} s {a:.2%}" for s, a in run["points"])
+        print(f"{name} seed {seed}: {curve} (fit alone {run['fit_s']:.2f} s)", flush=True)
+        results["summary"] = summarise(results["runs"])
+        write_json(out / "time_to_accuracy.json", results)
     print(f"training seconds to test accuracy, median over seeds; {results['machine']}")
     print(table(results["summary"]))
     plot(results["runs"], out / "time_to_accuracy.png", results["machine"])
