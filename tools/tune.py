@@ -374,7 +374,7 @@ def watch(proc, trial, tsv, since):
 class Runner:
     """Runs trials as `dvc exp run` in this workspace."""
 
-    def __init__(self, search, out, live, evaluation, scratch):  # noqa: PLR0913
+    def __init__(self, search, out, live, evaluation, scratch):
         self.search = search
         self.logs = Path(out) / "logs"
         self.history = Path(live) / "plots" / "metrics" / f"{search.objective.metric}.tsv"
