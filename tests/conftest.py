@@ -204,6 +204,19 @@ def ran_stages(output):
     return [line.split("'")[1] for line in output.splitlines() if "Running stage '" in line]
 
 
+def shown_experiments(repo):
+    """{name: (train params, test accuracy)} of the experiments `dvc exp show` lists."""
+    found = {}
+    for rev in json.loads(sh(repo, "dvc", "exp", "show", "--json")):
+        for exp in rev.get("experiments") or []:
+            data = exp["revs"][0]["data"]
+            found[exp["revs"][0]["name"]] = (
+                data["params"]["params.yaml"]["data"]["train"],
+                data["metrics"]["data/evaluate/metrics.json"]["data"]["accuracy"],
+            )
+    return found
+
+
 def git_identity(repo):
     sh(repo, "git", "config", "user.email", "test@example.com")
     sh(repo, "git", "config", "user.name", "Test")

@@ -22,6 +22,7 @@ from tests.conftest import (
     ran_stages,
     run,
     sh,
+    shown_experiments,
     user_env,
 )
 
@@ -213,19 +214,6 @@ def test_report_against_a_base_without_metrics_fails_clearly(branches):
     )
 
 
-def experiments(repo):
-    """{name: (train params, test accuracy)} from `dvc exp show --json`."""
-    found = {}
-    for rev in json.loads(sh(repo, "dvc", "exp", "show", "--json")):
-        for exp in rev.get("experiments") or []:
-            data = exp["revs"][0]["data"]
-            found[exp["revs"][0]["name"]] = (
-                data["params"]["params.yaml"]["data"]["train"],
-                data["metrics"]["data/evaluate/metrics.json"]["data"]["accuracy"],
-            )
-    return found
-
-
 def test_exp_run_changes_one_line_of_params_and_is_listed(repo):
     sh(repo, "dvc", "exp", "run", "-n", "lr-half", "-S", "train.learning_rate=0.005")
     diff = sh(repo, "git", "diff", "-U0", "params.yaml").splitlines()
@@ -234,7 +222,7 @@ def test_exp_run_changes_one_line_of_params_and_is_listed(repo):
         next(line for line in changed if line.startswith("-  learning_rate: preset ")),
         next(line for line in changed if line.startswith("+  learning_rate: 0.005 ")),
     ]
-    params, accuracy = experiments(repo)["lr-half"]
+    params, accuracy = shown_experiments(repo)["lr-half"]
     assert params["learning_rate"] == 0.005
     assert accuracy == json.loads((repo / "data/evaluate/metrics.json").read_text())["accuracy"]
 
@@ -256,7 +244,7 @@ def test_queued_experiments_run_with_their_own_overrides(repo, tmp_path):
             timeout=900,
         )
     sh(repo, "dvc", "queue", "stop")
-    found = experiments(repo)
+    found = shown_experiments(repo)
     assert (found["seed-7"][0]["seed"], found["seed-8"][0]["seed"]) == (7, 8)
     assert found["seed-7"][0]["epochs"] == "preset"  # the rest as committed
     assert sh(repo, "git", "status", "--porcelain") == ""  # the workspace is untouched

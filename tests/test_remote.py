@@ -30,6 +30,7 @@ from tests.conftest import (
     ran_stages,
     run,
     sh,
+    shown_experiments,
     user_env,
     write_params,
 )
@@ -373,20 +374,6 @@ def test_failed_pull_writes_nothing_in_the_workspace_then_a_retry_completes(
 # --- experiments across machines ------------------------------------------------------------
 
 
-def experiments(repo):
-    """{name: (params of train, test accuracy)} of the experiments `dvc exp show` lists."""
-    found = {}
-    for rev in json.loads(sh(repo, "dvc", "exp", "show", "--json")):
-        for exp in rev.get("experiments") or []:
-            run = exp["revs"][0]
-            data = run["data"]
-            found[run["name"]] = (
-                data["params"]["params.yaml"]["data"]["train"],
-                data["metrics"]["data/evaluate/metrics.json"]["data"]["accuracy"],
-            )
-    return found
-
-
 def accuracy(repo):
     return json.loads((repo / "data/evaluate/metrics.json").read_text())["accuracy"]
 
@@ -406,7 +393,7 @@ def test_experiments_run_on_two_machines_are_shown_and_applied_on_a_third(machin
     third = clone(origin, tmp_path / "third")
     pulled = sh(third, "dvc", "exp", "pull", "origin")
     assert "seed-1" in pulled and "seed-2" in pulled
-    shown = experiments(third)
+    shown = shown_experiments(third)
     assert set(shown) == {"seed-1", "seed-2"}
     for name, (_, acc) in ran.items():
         assert shown[name][0]["seed"] == int(name[-1])

@@ -17,7 +17,16 @@ import optuna
 import pytest
 import yaml
 
-from tests.conftest import HAVE_MNIST, ROOT, copy_project, copy_reproduced, run, sh, user_env
+from tests.conftest import (
+    HAVE_MNIST,
+    ROOT,
+    copy_project,
+    copy_reproduced,
+    run,
+    sh,
+    shown_experiments,
+    user_env,
+)
 from tests.test_remote import clone, free_port, machine_a, s3  # noqa: F401 (fixtures)
 from tools import tune
 
@@ -317,19 +326,6 @@ def postgres():
     yield f"postgresql://tune@127.0.0.1:{port}/postgres"
     pg(PG_BIN / "pg_ctl", "-D", data, "-m", "immediate", "stop")
     shutil.rmtree(home, ignore_errors=True)
-
-
-def shown_experiments(repo):
-    """{name: (train params, test accuracy)} as `dvc exp show` lists them."""
-    found = {}
-    for rev in json.loads(sh(repo, "dvc", "exp", "show", "--json")):
-        for exp in rev.get("experiments") or []:
-            data = exp["revs"][0]["data"]
-            found[exp["revs"][0]["name"]] = (
-                data["params"]["params.yaml"]["data"]["train"],
-                data["metrics"]["data/evaluate/metrics.json"]["data"]["accuracy"],
-            )
-    return found
 
 
 @needs_mnist
