@@ -243,6 +243,35 @@ def test_a_pruned_trial_leaves_no_experiment_and_a_rerun_resumes_the_study(repro
     assert metrics["accuracy"] == done.user_attrs["test_accuracy"]
 
 
+@needs_mnist
+@pytest.mark.slow
+def test_a_failed_trial_is_recorded_failed_and_stops_the_search_with_one_line(reproduced, tmp_path):
+    repo = copy_reproduced(reproduced, tmp_path / "p")
+    out = tmp_path / "out"
+    # The train stage's params check rejects 0 epochs before it imports TensorFlow.
+    space = space_file(tmp_path / "s.yaml", space={**TINY["space"], "train.epochs": {"choices": [0]}})
+    before = exp_run_entries(repo)
+    code, output = run(repo, *tune_cmd(space, out))
+    log = out / "logs" / "tiny-0.log"
+    assert code == 1
+    errors = [line for line in output.splitlines() if "Error" in line or "Traceback" in line]
+    assert errors == [
+        f"Error: trial 0: `dvc exp run` exited 255: ERROR: failed to reproduce 'train': "
+        f"failed to run: python -m stages.train --data data/prepared --model data/model/model.keras "
+        f"--live data/train --checkpoint data/checkpoint, exited with 1 (log: {log})"
+    ]
+    assert "Error: params.yaml: train.epochs must be an integer >= 1 or preset, got 0" in log.read_text()
+    (failed,) = load(f"sqlite:///{out / 'tiny.db'}").trials
+    assert (failed.state.name, failed.params["train.epochs"]) == ("FAIL", 0)
+    assert failed.user_attrs["experiment"] == "tiny-0"
+    assert not (out / "trials.md").exists()
+    # No experiment. DVC keeps its record of the failed run (refs/exps/exec/EXEC_HEAD and
+    # .dvc/tmp/exps/run/<id>), as after a failed `dvc exp run` typed by hand.
+    assert experiments(repo) == []
+    assert len(set(exp_run_entries(repo)) - set(before)) == 1
+    assert_as_committed(repo)
+
+
 def start_tune(repo, space, out, *flags):
     log = (Path(out).parent / f"{Path(out).name}.log").open("w")
     return subprocess.Popen(tune_cmd(space, out, *flags), cwd=repo, env=user_env(),
