@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import (
     HAVE_MNIST,
+    build_once,
     commit,
     copy_reproduced,
     edit_params,
@@ -38,19 +39,28 @@ def repo(reproduced, tmp_path):
     return copy_reproduced(reproduced, tmp_path / "project")
 
 
+def build_branches(reproduced, repo):
+    copy_reproduced(reproduced, repo)
+    sh(repo, "git", "checkout", "-q", "-b", "more-epochs")
+    edit_params(repo / "params.yaml", train__epochs=2)
+    status = sh(repo, "dvc", "status")
+    output = sh(repo, "dvc", "repro")
+    commit(repo, "two epochs")
+    return {"status": status, "output": output}
+
+
 @pytest.fixture(scope="session")
-def branches(reproduced, tmp_path_factory):
+def branches(reproduced, tmp_path_factory, worker_id):
     """A copy with branch `more-epochs` (train.epochs 1 -> 2) reproduced and committed
     on top of `main`: .repo, and the .status and .output of `dvc status` and `dvc repro`
-    after the edit. Tests only read it (with `dvc` commands, so one per pytest worker:
-    no two processes run DVC in one repository at once)."""
-    copy = copy_reproduced(reproduced, tmp_path_factory.mktemp("branches") / "project")
-    sh(copy, "git", "checkout", "-q", "-b", "more-epochs")
-    edit_params(copy / "params.yaml", train__epochs=2)
-    status = sh(copy, "dvc", "status")
-    output = sh(copy, "dvc", "repro")
-    commit(copy, "two epochs")
-    return SimpleNamespace(repo=copy, status=status, output=output)
+    after the edit. Reproduced once per test run; each pytest worker reads its own copy
+    (with `dvc` commands: no two processes run DVC in one repository at once)."""
+    built, record = build_once(
+        tmp_path_factory, worker_id, "branches", lambda d: build_branches(reproduced, d)
+    )
+    copy = tmp_path_factory.mktemp("branches") / "project"
+    shutil.copytree(built, copy, symlinks=True)
+    return SimpleNamespace(repo=copy, **record)
 
 
 def test_repro_runs_every_stage_once_then_nothing(reproduced, repo):
