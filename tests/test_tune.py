@@ -363,7 +363,7 @@ def test_two_workers_share_a_postgresql_study_and_a_third_clone_sees_every_trial
     postgres, machine_a, tmp_path  # noqa: F811
 ):
     _, origin = machine_a
-    space = space_file(tmp_path / "s.yaml", budget={"trials": 3, "minutes": None})
+    space = space_file(tmp_path / "s.yaml", budget={"trials": 2, "minutes": None})
     workers = []
     for k in (1, 2):
         repo = clone(origin, tmp_path / f"w{k}")
@@ -375,11 +375,11 @@ def test_two_workers_share_a_postgresql_study_and_a_third_clone_sees_every_trial
         assert proc.wait(300) == 0, Path(f"{tmp_path}/out{k}.log").read_text()
         assert_as_committed(repo)
     trials = load(postgres).trials
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
     names = [t.user_attrs["experiment"] for t in trials]
-    assert names == ["tiny-0", "tiny-1", "tiny-2"]
+    assert names == ["tiny-0", "tiny-1"]
     ran = {k: len(list((tmp_path / f"out{k}" / "logs").glob("*.log"))) for k in (1, 2)}
-    assert sorted(ran.values()) in ([1, 2], [0, 3]) and sum(ran.values()) == 3  # each trial once
+    assert sorted(ran.values()) in ([1, 1], [0, 2]) and sum(ran.values()) == 2  # each trial once
     third = clone(origin, tmp_path / "third")
     sh(third, "dvc", "exp", "pull", "origin")
     shown = shown_experiments(third)
