@@ -184,10 +184,11 @@ def test_pull_allow_missing_after_a_param_change_runs_only_what_changed(machine_
 @pytest.fixture(scope="module")
 def trained_twice(machine_a):
     """A also trained with train.seed=7, pushed the run cache, and went back to the
-    committed params. Returns the digests of that run's model and history."""
+    committed params. Returns the digests of that run's model and history. Only train:
+    the run cache of evaluate and export cannot restore them remotely (below)."""
     a, _ = machine_a
     set_param(a, train__seed=7)
-    assert sorted(ran_stages(sh(a, "dvc", "repro"))) == AFTER_TRAIN
+    assert ran_stages(sh(a, "dvc", "repro", "train")) == ["train"]
     ran = {**digests(a, "data/model"), **digests(a, "data/train")}
     sh(a, "dvc", "push", "--run-cache")
     sh(a, "git", "checkout", "--", ".")
