@@ -74,7 +74,7 @@ def describe(schema):
             return f"a number in {low}{lo:g}, {hi:g}{high}"
         return " ".join(filter(None, ["a number", bounds(schema, " and ")]))
     if kind == "string":
-        return "a string"
+        return "a non-empty string" if schema.get("minLength") else "a string"
     if kind == "array" and "prefixItems" in schema:  # a tuple
         each = {describe(s) for s in schema["prefixItems"]}
         what = (

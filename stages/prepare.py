@@ -55,7 +55,8 @@ def parse_idx(data, ndim, name="data"):
 
 
 def read_idx(path, ndim):
-    """Reads a gzipped IDX file of `ndim` dimensions (a tuple: any of them)."""
+    """Reads a gzipped IDX file of `ndim` dimensions (a tuple: any one of them)."""
+    ndim = (ndim,) if isinstance(ndim, int) else ndim
     path = Path(path)
     try:
         with gzip.open(path, "rb") as f:
@@ -157,11 +158,20 @@ def load_raw(raw_dir):
         raise PipelineError(f"{path} not found; run `dvc repro fetch` first") from None
     except (json.JSONDecodeError, KeyError, AttributeError):
         raise PipelineError(f"{path} is not fetch's dataset.json; rerun fetch") from None
+    return info, read_arrays(raw_dir, files)
+
+
+def read_arrays(raw_dir, files):
+    """[train images, train labels, test images, test labels] from the IDX files that
+    `files` names ({"train": [images, labels], "test": [...]}) in raw_dir."""
     arrays = []
     for split in ("train", "test"):
         images_file, labels_file = files[split]
-        arrays += [read_idx(raw_dir / images_file, (3, 4)), read_idx(raw_dir / labels_file, (1,))]
-    return info, arrays
+        arrays += [
+            read_idx(Path(raw_dir) / images_file, (3, 4)),
+            read_idx(Path(raw_dir) / labels_file, (1,)),
+        ]
+    return arrays
 
 
 def main(argv=None):

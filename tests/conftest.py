@@ -108,6 +108,26 @@ def edit_params(path, **overrides):
 MNIST_INFO = {"name": "mnist", "classes": [str(d) for d in range(10)], "preparation": "digits"}
 
 
+def mnist_arrays(directory=None):
+    """[train images, train labels, test images, test labels] of the MNIST files."""
+    from stages import fetch, prepare
+
+    mnist = fetch.load_description(ROOT / "data" / "mnist.yaml")
+    return prepare.read_arrays(
+        directory or MNIST_MIRROR, {"train": mnist.train, "test": mnist.test}
+    )
+
+
+def export_onnx(model, path, dataset=None):
+    """`model` as an ONNX file at `path` recording `dataset` (default MNIST's), as the
+    export stage writes it."""
+    from stages.export import fix_onnx
+
+    model.export(str(path), format="onnx", verbose=False)
+    fix_onnx(path, dataset or MNIST_INFO)
+    return path
+
+
 def make_prepared(out_dir, n_train=96, n_val=32, n_test=64, seed=0):
     """Writes a tiny learnable dataset in prepare's format: digit c is a bright 4x4 patch
     at a position that depends on c, plus noise."""
