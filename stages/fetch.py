@@ -251,7 +251,7 @@ def read_images(paths, size, channels):
         except images.NotAnImage as e:
             raise PipelineError(f"{path}: {e}; remove it or replace it by an image") from None
     kinds = {}
-    for path, image in decoded:
+    for path, image in sorted(decoded, key=lambda pair: str(pair[0])):
         kinds.setdefault(images.channels_of(image), path)
     if len(kinds) > 1:
         raise PipelineError(
@@ -275,6 +275,27 @@ def labelled(folders, classes):
     return paths, labels
 
 
+def stratified_split(root, folders, classes, test_split, rng):
+    """Holds out round(test_split * n) of each class's n images (at least 1, at most n - 1),
+    drawn by `rng`; returns {"train": (paths, labels), "test": (paths, labels)}."""
+    chosen = {"train": [], "test": []}
+    for label, name in enumerate(classes):
+        paths = folders[name]
+        if len(paths) < 2:
+            raise PipelineError(
+                f"{Path(root) / name}: {len(paths)} image; holding out fetch.test_split of each "
+                "class needs 2 or more; add images or lay the folder out as train/ and test/"
+            )
+        n_test = min(max(1, round(test_split * len(paths))), len(paths) - 1)
+        held_out = set(rng.permutation(len(paths))[:n_test].tolist())
+        for i, path in enumerate(paths):
+            chosen["test" if i in held_out else "train"].append((path, label))
+    return {
+        split: ([path for path, _ in pairs], np.array([label for _, label in pairs], np.uint8))
+        for split, pairs in chosen.items()
+    }
+
+
 def split_folder(root, test_split, seed):
     """(classes, {"train": (paths, labels), "test": (paths, labels)}) of a folder, from its
     own train/ and test/ when it has both, else split by class with test_split."""
@@ -290,24 +311,9 @@ def split_folder(root, test_split, seed):
         classes = sorted(train)
         splits = {"train": labelled(train, classes), "test": labelled(test, classes)}
     else:
-        from sklearn.model_selection import train_test_split
-
         folders = class_folders(root)
         classes = sorted(folders)
-        paths, labels = labelled(folders, classes)
-        try:
-            train_i, test_i = train_test_split(
-                np.arange(len(paths)), test_size=test_split, stratify=labels, random_state=seed
-            )
-        except ValueError as e:  # a class too small to be in both splits
-            raise PipelineError(
-                f"{root}: cannot hold out fetch.test_split={test_split} of each class "
-                f"({str(e).splitlines()[0]}); add images or lay it out as train/ and test/"
-            ) from None
-        splits = {
-            split: ([paths[i] for i in sorted(index)], labels[sorted(index)])
-            for split, index in (("train", train_i), ("test", test_i))
-        }
+        splits = stratified_split(root, folders, classes, test_split, rng)
     # A seeded random order for training, so that prepare's validation split is a sample.
     paths, labels = splits["train"]
     order = rng.permutation(len(paths))
@@ -331,10 +337,15 @@ def write_idx(path, array):
 def fetch_folder(root, out_dir, p):
     """Writes a folder dataset as IDX files and dataset.json; returns the split sizes."""
     classes, splits = split_folder(root, p.test_split, p.seed)
+    # Every image decoded and checked at once: a bad one is named whichever split it is in.
+    every = read_images(
+        [path for paths, _ in splits.values() for path in paths], p.image_size, p.channels
+    )
     sizes = {}
     with atomic_dir(out_dir) as tmp:
+        start = 0
         for split, (paths, labels) in splits.items():
-            x = read_images(paths, p.image_size, p.channels)
+            x, start = every[start : start + len(paths)], start + len(paths)
             images_file, labels_file = FOLDER_FILES[split]
             write_idx(tmp / images_file, x)
             write_idx(tmp / labels_file, labels)
