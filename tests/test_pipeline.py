@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import (
     HAVE_MNIST,
+    build_once,
     commit,
     copy_reproduced,
     edit_params,
@@ -38,19 +39,28 @@ def repo(reproduced, tmp_path):
     return copy_reproduced(reproduced, tmp_path / "project")
 
 
+def build_branches(reproduced, repo):
+    copy_reproduced(reproduced, repo)
+    sh(repo, "git", "checkout", "-q", "-b", "more-epochs")
+    edit_params(repo / "params.yaml", train__epochs=2)
+    status = sh(repo, "dvc", "status")
+    output = sh(repo, "dvc", "repro")
+    commit(repo, "two epochs")
+    return {"status": status, "output": output}
+
+
 @pytest.fixture(scope="session")
-def branches(reproduced, tmp_path_factory):
+def branches(reproduced, tmp_path_factory, worker_id):
     """A copy with branch `more-epochs` (train.epochs 1 -> 2) reproduced and committed
     on top of `main`: .repo, and the .status and .output of `dvc status` and `dvc repro`
-    after the edit. Tests only read it (with `dvc` commands, so one per pytest worker:
-    no two processes run DVC in one repository at once)."""
-    copy = copy_reproduced(reproduced, tmp_path_factory.mktemp("branches") / "project")
-    sh(copy, "git", "checkout", "-q", "-b", "more-epochs")
-    edit_params(copy / "params.yaml", train__epochs=2)
-    status = sh(copy, "dvc", "status")
-    output = sh(copy, "dvc", "repro")
-    commit(copy, "two epochs")
-    return SimpleNamespace(repo=copy, status=status, output=output)
+    after the edit. Reproduced once per test run; each pytest worker reads its own copy
+    (with `dvc` commands: no two processes run DVC in one repository at once)."""
+    built, record = build_once(
+        tmp_path_factory, worker_id, "branches", lambda d: build_branches(reproduced, d)
+    )
+    copy = tmp_path_factory.mktemp("branches") / "project"
+    shutil.copytree(built, copy, symlinks=True)
+    return SimpleNamespace(repo=copy, **record)
 
 
 def test_repro_runs_every_stage_once_then_nothing(reproduced, repo):
@@ -228,8 +238,9 @@ def test_exp_run_changes_one_line_of_params_and_is_listed(repo):
 
 
 def test_queued_experiments_run_with_their_own_overrides(repo, tmp_path):
-    sh(repo, "dvc", "exp", "run", "--queue", "-n", "seed-7", "-S", "train.seed=7")
-    sh(repo, "dvc", "exp", "run", "--queue", "-n", "seed-8", "-S", "train.seed=8")
+    # Up to evaluate, whose metrics `dvc exp show` lists: export would add 10 s to each.
+    sh(repo, "dvc", "exp", "run", "--queue", "-n", "seed-7", "-S", "train.seed=7", "evaluate")
+    sh(repo, "dvc", "exp", "run", "--queue", "-n", "seed-8", "-S", "train.seed=8", "evaluate")
     # --run-all starts a queue worker in the background that inherits its stdout; a race in
     # dvc-task (a half-written message file) can keep that worker alive, idle, after the
     # queue is done. So: output to a file, not to a pipe that stays open, then stop it.

@@ -243,6 +243,35 @@ def test_a_pruned_trial_leaves_no_experiment_and_a_rerun_resumes_the_study(repro
     assert metrics["accuracy"] == done.user_attrs["test_accuracy"]
 
 
+@needs_mnist
+@pytest.mark.slow
+def test_a_failed_trial_is_recorded_failed_and_stops_the_search_with_one_line(reproduced, tmp_path):
+    repo = copy_reproduced(reproduced, tmp_path / "p")
+    out = tmp_path / "out"
+    # The train stage's params check rejects 0 epochs before it imports TensorFlow.
+    space = space_file(tmp_path / "s.yaml", space={**TINY["space"], "train.epochs": {"choices": [0]}})
+    before = exp_run_entries(repo)
+    code, output = run(repo, *tune_cmd(space, out))
+    log = out / "logs" / "tiny-0.log"
+    assert code == 1
+    errors = [line for line in output.splitlines() if "Error" in line or "Traceback" in line]
+    assert errors == [
+        f"Error: trial 0: `dvc exp run` exited 255: ERROR: failed to reproduce 'train': "
+        f"failed to run: python -m stages.train --data data/prepared --model data/model/model.keras "
+        f"--live data/train --checkpoint data/checkpoint, exited with 1 (log: {log})"
+    ]
+    assert "Error: params.yaml: train.epochs must be an integer >= 1 or preset, got 0" in log.read_text()
+    (failed,) = load(f"sqlite:///{out / 'tiny.db'}").trials
+    assert (failed.state.name, failed.params["train.epochs"]) == ("FAIL", 0)
+    assert failed.user_attrs["experiment"] == "tiny-0"
+    assert not (out / "trials.md").exists()
+    # No experiment. DVC keeps its record of the failed run (refs/exps/exec/EXEC_HEAD and
+    # .dvc/tmp/exps/run/<id>), as after a failed `dvc exp run` typed by hand.
+    assert experiments(repo) == []
+    assert len(set(exp_run_entries(repo)) - set(before)) == 1
+    assert_as_committed(repo)
+
+
 def start_tune(repo, space, out, *flags):
     log = (Path(out).parent / f"{Path(out).name}.log").open("w")
     return subprocess.Popen(tune_cmd(space, out, *flags), cwd=repo, env=user_env(),
@@ -334,7 +363,7 @@ def test_two_workers_share_a_postgresql_study_and_a_third_clone_sees_every_trial
     postgres, machine_a, tmp_path  # noqa: F811
 ):
     _, origin = machine_a
-    space = space_file(tmp_path / "s.yaml", budget={"trials": 3, "minutes": None})
+    space = space_file(tmp_path / "s.yaml", budget={"trials": 2, "minutes": None})
     workers = []
     for k in (1, 2):
         repo = clone(origin, tmp_path / f"w{k}")
@@ -346,11 +375,11 @@ def test_two_workers_share_a_postgresql_study_and_a_third_clone_sees_every_trial
         assert proc.wait(300) == 0, Path(f"{tmp_path}/out{k}.log").read_text()
         assert_as_committed(repo)
     trials = load(postgres).trials
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
     names = [t.user_attrs["experiment"] for t in trials]
-    assert names == ["tiny-0", "tiny-1", "tiny-2"]
+    assert names == ["tiny-0", "tiny-1"]
     ran = {k: len(list((tmp_path / f"out{k}" / "logs").glob("*.log"))) for k in (1, 2)}
-    assert sorted(ran.values()) in ([1, 2], [0, 3]) and sum(ran.values()) == 3  # each trial once
+    assert sorted(ran.values()) in ([1, 1], [0, 2]) and sum(ran.values()) == 2  # each trial once
     third = clone(origin, tmp_path / "third")
     sh(third, "dvc", "exp", "pull", "origin")
     shown = shown_experiments(third)

@@ -480,7 +480,9 @@ def best_trial(study, search, within=True):
 def make_study(storage, search, worker):
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs a failed trial as two warnings, one with the traceback; the command
+    # reports it once, as `Error: trial N: ...`.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     p = search.pruner
     if p.kind == "median":
         # Optuna prunes from step n_warmup_steps on; epochs (steps) count from 1.
