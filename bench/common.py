@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from stages import params, prepare
+from stages import fetch, params, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = "plain Keras tutorial (R-interface example CNN)"
@@ -29,11 +29,17 @@ def mnist_dir():
     return os.environ.get("MNIST_MIRROR") or str(ROOT / "data" / "raw")
 
 
+def mnist_arrays(raw=None):
+    """[train images, train labels, test images, test labels] of MNIST, as prepare reads
+    them, from `raw` (default mnist_dir())."""
+    mnist = fetch.load_description(ROOT / "data" / "mnist.yaml")
+    return prepare.read_arrays(raw or mnist_dir(), {"train": mnist.train, "test": mnist.test})
+
+
 def test_digits(n=None, raw=None):
     """The first n MNIST test images, uint8 (n, 28, 28), and labels, as prepare reads them."""
-    images_file, labels_file = prepare.SOURCES["test"]
-    raw = Path(raw or mnist_dir())
-    return prepare.read_idx(raw / images_file, 3)[:n], prepare.read_idx(raw / labels_file, 1)[:n]
+    _, _, images, labels = mnist_arrays(raw)
+    return images[:n], labels[:n]
 
 
 def load_params(schema, **overrides):
@@ -47,8 +53,7 @@ def load_data(**overrides):
     """The prepare stage's arrays, made by its own function from the raw files with
     params.yaml's prepare section and overrides (train_size, validation_split, test_size)."""
     p = load_params(prepare.Params, **overrides)
-    raw = prepare.load_raw(mnist_dir())
-    return prepare.prepare(*raw, p.train_size, p.validation_split, p.test_size)
+    return prepare.prepare(*mnist_arrays(), p.train_size, p.validation_split, p.test_size)
 
 
 def machine():

@@ -183,12 +183,12 @@ def photograph(digits, effects, rng):
     return buffer.getvalue(), "PNG"
 
 
-def read_all(run, photos, number):
+def read_all(predictor, photos, number):
     """Digits read from each photo, as strings ("" when none was found)."""
     read = []
     for i, (data, _) in enumerate(photos):
         try:
-            probs = predict.image_probabilities(run, data, f"photo {i}", number=number)
+            probs = predict.image_probabilities(predictor, data, f"photo {i}", number=number)
             read.append("".join(str(d) for d in probs.argmax(axis=1)))
         except preprocess.NoDigit:
             read.append("")
@@ -202,9 +202,9 @@ def save_samples(photos, name, out_dir, count):
         (out_dir / f"{slug}-{i}.{'jpg' if format == 'JPEG' else 'png'}").write_bytes(data)
 
 
-def measure(run, digits, labels, seed, out_dir, samples):
+def measure(predictor, digits, labels, seed, out_dir, samples):
     """Accuracy per condition, the raw test images' first."""
-    correct = run(prepare.scale_images(digits)).argmax(axis=1) == labels
+    correct = predictor.predict(prepare.scale_images(digits)).argmax(axis=1) == labels
     n = len(digits) // ROW_DIGITS
     row_raw = correct[: n * ROW_DIGITS].reshape(n, ROW_DIGITS).all(axis=1)
     table = [{"condition": "raw 28x28 test images", "images": len(digits), "raw": None}]
@@ -218,7 +218,7 @@ def measure(run, digits, labels, seed, out_dir, samples):
         save_samples(photos, name, out_dir, samples)
         truths = labels[: n * ROW_DIGITS].reshape(n, -1) if row else labels[:, None]
         truth = ["".join(map(str, t)) for t in truths]
-        read = read_all(run, photos, number=row)
+        read = read_all(predictor, photos, number=row)
         right = np.array([a == b for a, b in zip(read, truth, strict=True)])
         raw = float(row_raw.mean() if row else correct.mean())
         not_found = sum(r == "" for r in read)
@@ -230,7 +230,9 @@ def measure(run, digits, labels, seed, out_dir, samples):
 def format_table(table):
     lines = [f"{'condition':40} {'images':>6} {'accuracy':>8} {'raw':>6} {'points':>6}"]
     for r in table:
-        gap = "" if r["raw"] is None else f" {r['raw']:6.2%} {100 * (r['accuracy'] - r['raw']):+6.2f}"
+        gap = (
+            "" if r["raw"] is None else f" {r['raw']:6.2%} {100 * (r['accuracy'] - r['raw']):+6.2f}"
+        )
         lines.append(f"{r['condition']:40} {r['images']:6d} {r['accuracy']:8.2%}{gap}")
     return "\n".join(lines)
 
@@ -249,9 +251,7 @@ def main(argv=None):
     predictor = predict.load_predictor(args.model)
     digits, labels = test_digits(args.n, args.raw)
     out = Path(args.out)
-    table, seconds = measure(
-        predictor.predict, digits, labels, args.seed, out / "samples", args.samples
-    )
+    table, seconds = measure(predictor, digits, labels, args.seed, out / "samples", args.samples)
     write_json(
         out / "predict_real_world.json",
         {"model": predictor.source, "seed": args.seed, "machine": machine(), "table": table},

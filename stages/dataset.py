@@ -1,25 +1,42 @@
-"""The prepared-data format that prepare writes and train and evaluate read.
+"""The prepared-data format that prepare writes and train, evaluate and export read.
 
 One plain .npy file per array (no pickle; memory-mappable): x_{split}.npy holds images,
-float32 (N, 28, 28, 1) in [0, 1]; y_{split}.npy holds labels, uint8 (N,), for the splits
-train, val and test.
+float32 (N, height, width, channels) in [0, 1]; y_{split}.npy holds labels, uint8 (N,),
+indices into the class names, for the splits train, val and test. dataset.json names the
+dataset, its classes (label i is classes[i]) and how an upload is prepared for a model
+trained on it: "digits" as MNIST's digits were (tools/preprocess.py), "resize" as every
+training image was (stages/images.py).
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
 
-from stages.common import PipelineError, atomic_dir
+from stages.common import PipelineError, atomic_dir, write_json
 
-NUM_CLASSES = 10  # the digits 0-9
 SPLITS = ("train", "val", "test")
+INFO_FILE = "dataset.json"
 
 
-def save_prepared(arrays, out_dir):
-    """Writes {"x_train": ..., "y_train": ..., ...} to out_dir, all files or none."""
+def save_prepared(arrays, info, out_dir):
+    """Writes {"x_train": ..., "y_train": ..., ...} and the dataset's `info` (name,
+    classes, preparation) to out_dir, all files or none."""
     with atomic_dir(out_dir) as tmp:
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array, allow_pickle=False)
+        write_json(tmp / INFO_FILE, info)
+
+
+def load_info(prepared_dir):
+    """{"name", "classes", "preparation"} of the prepared dataset."""
+    path = Path(prepared_dir) / INFO_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found; run `dvc repro prepare` first") from None
+    except json.JSONDecodeError:
+        raise PipelineError(f"{path} is not JSON; rebuild it with `dvc repro prepare`") from None
 
 
 def load_prepared(prepared_dir, splits=SPLITS):

@@ -1,11 +1,13 @@
 """Evaluate stage: scores the trained model on the test images (all 10,000 by default).
 
-Reads   params.yaml `evaluate`, MODEL (.keras), DATA/{x,y}_test.npy, LIVE/ (training curves).
+Reads   params.yaml `evaluate`, MODEL (.keras), DATA/{x,y}_test.npy and DATA/dataset.json
+        (the class names), LIVE/ (training curves).
 Writes  OUT/metrics.json   the headline: accuracy, loss, errors, and dtype_policy (the
                            precision the model computes in: what `auto` chose in training)
-        OUT/per_class.json precision, recall, F1 and support per class; DVC reads it on
-                           request: `dvc metrics diff --targets OUT/per_class.json`
-        OUT/confusion.csv  one row per test image: actual,predicted (DVC confusion plots)
+        OUT/per_class.json precision, recall, F1 and support per class, by name; DVC reads
+                           it on request: `dvc metrics diff --targets OUT/per_class.json`
+        OUT/confusion.csv  one row per test image: actual,predicted class names (DVC
+                           confusion plots)
         OUT/plots/         confusion.png, curves.png, errors.png (most confident mistakes)
 All of OUT is written at once, or not at all.
 """
@@ -33,7 +35,7 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from stages import figures, models
-from stages.dataset import NUM_CLASSES, load_prepared
+from stages.dataset import load_info, load_prepared
 
 EPSILON = 1e-7  # Keras' clip for log(0) in cross-entropy
 
@@ -44,7 +46,7 @@ def cross_entropy(probs, labels):
 
 
 def compute_metrics(labels, probs):
-    """labels: (N,) ints; probs: (N, 10) softmax outputs -> the headline metrics."""
+    """labels: (N,) ints; probs: (N, classes) softmax outputs -> the headline metrics."""
     predicted = probs.argmax(axis=1)
     return {
         "accuracy": float(np.mean(predicted == labels)),
@@ -53,19 +55,19 @@ def compute_metrics(labels, probs):
     }
 
 
-def per_class_metrics(labels, probs):
-    """{"0": {"precision", "recall", "f1", "support"}, ..., "9": {...}}"""
+def per_class_metrics(labels, probs, classes):
+    """{class name: {"precision", "recall", "f1", "support"}, ...}, in class order."""
     precision, recall, f1, support = precision_recall_fscore_support(
-        labels, probs.argmax(axis=1), labels=range(NUM_CLASSES), zero_division=0
+        labels, probs.argmax(axis=1), labels=range(len(classes)), zero_division=0
     )
     return {
-        str(c): {
+        name: {
             "precision": float(precision[c]),
             "recall": float(recall[c]),
             "f1": float(f1[c]),
             "support": int(support[c]),
         }
-        for c in range(NUM_CLASSES)
+        for c, name in enumerate(classes)
     }
 
 
@@ -93,26 +95,29 @@ def read_history(live_dir):
     return pd.DataFrame(columns).rename_axis("epoch")
 
 
-def write_outputs(out_dir, labels, probs, images, history, gallery_size, dtype_policy):
+def write_outputs(out_dir, labels, probs, images, history, gallery_size, dtype_policy, classes):
     with atomic_dir(out_dir) as tmp:
         metrics = {**compute_metrics(labels, probs), "dtype_policy": dtype_policy}
         write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / "per_class.json", per_class_metrics(labels, probs))
+        write_json(tmp / "per_class.json", per_class_metrics(labels, probs, classes))
         predicted = probs.argmax(axis=1)
-        pd.DataFrame({"actual": labels, "predicted": predicted}).to_csv(
+        names = np.asarray(classes, dtype=object)
+        pd.DataFrame({"actual": names[labels], "predicted": names[predicted]}).to_csv(
             tmp / "confusion.csv", index=False
         )
         plots = tmp / "plots"
         plots.mkdir()
         figures.confusion_heatmap(
-            confusion_matrix(labels, predicted, labels=range(NUM_CLASSES)), plots / "confusion.png"
+            confusion_matrix(labels, predicted, labels=range(len(classes))),
+            classes,
+            plots / "confusion.png",
         )
         figures.training_curves(history, plots / "curves.png")
         worst = most_confident_errors(labels, probs, gallery_size)
         figures.error_gallery(
             images[worst],
-            labels[worst],
-            predicted[worst],
+            names[labels[worst]],
+            names[predicted[worst]],
             probs[worst, predicted[worst]],
             plots / "errors.png",
         )
@@ -139,7 +144,8 @@ def main(argv=None):
         history,
         p.gallery_size,
         # What train's `auto` chose, as it recorded it; the loaded layers compute in it.
-        models.training_settings(args.model).get("precision", "unrecorded"),
+        models.recorded(args.model, "training").get("precision", "unrecorded"),
+        load_info(args.data)["classes"],
     )
     print(
         f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "

@@ -4,7 +4,11 @@ float32, checked against the Keras model on the test images before anything is w
 Reads   params.yaml `export`, MODEL (.keras, maybe trained in mixed precision),
         DATA/{x,y}_test.npy.
 Writes  OUT/model.onnx      for onnxruntime (what `python -m tools.predict` and the server use)
-        OUT/saved_model/    for TF Serving: signature `serve`, float32 (N, 28, 28, 1) -> (N, 10)
+        OUT/saved_model/    for TF Serving: signature `serve`, float32 (N, height, width,
+                            channels) -> (N, classes)
+        Both carry the dataset the model was trained on (name, class names, how an upload
+        is prepared): in the ONNX file's metadata (tools/inference.py reads it) and in
+        saved_model/assets.extra/dataset.json.
         OUT/metrics.json    the headline: classes that differ from Keras and the largest
                             probability difference, over both formats
         OUT/parity.json     each comparison in full, accuracy of each format, file sizes
@@ -15,6 +19,7 @@ are byte-for-byte the same on every run with the same model, as DVC's lock file 
 
 import argparse
 import contextlib
+import json
 import re
 from pathlib import Path
 
@@ -39,7 +44,7 @@ import numpy as np
 
 from stages import models
 from stages.dataset import load_prepared
-from tools.inference import ONNX_FILE, onnx_runner, onnx_session
+from tools.inference import DATASET_KEY, ONNX_FILE, onnx_runner, onnx_session
 
 SAVED_MODEL = "saved_model"
 METRICS = "metrics.json"
@@ -151,12 +156,14 @@ def fix_fingerprint(saved_model):
 GENERATED = re.compile(r"__\d+(:\d+)?$")  # tf2onnx's made-up names: const_axes__27
 
 
-def fix_onnx_names(onnx_file):
+def fix_onnx(onnx_file, dataset):
     """Renames tf2onnx's generated tensor and node names in order of first use, and orders
-    the initializers by first use, so that the same graph always gives the same bytes."""
+    the initializers by first use, so that the same graph always gives the same bytes;
+    records `dataset` in the file's metadata."""
     import onnx
 
     model = onnx.load(str(onnx_file))
+    onnx.helper.set_model_props(model, {DATASET_KEY: json.dumps(dataset, sort_keys=True)})
     graph = model.graph
     renamed = {}
 
@@ -195,16 +202,20 @@ def format_runners(trained, onnx_file, saved_model):
     }
 
 
-def export(trained, saved_model, onnx_file, x, labels, p):
-    """Writes the float32 copy of `trained` as a SavedModel and an ONNX file, runs all
-    formats on (x, labels) and checks parity; returns the metrics dict."""
+def export(trained, dataset, saved_model, onnx_file, x, labels, p):
+    """Writes the float32 copy of `trained` as a SavedModel and an ONNX file, both with
+    `dataset` (its name, classes, preparation), runs all formats on (x, labels) and checks
+    parity; returns the metrics dict."""
     keras.utils.set_random_seed(0)  # Dropout's seed state is saved, though unused in serving
     model = float32_copy(trained)
     with ordered_saved_model_variables():
         model.export(str(saved_model), format="tf_saved_model", verbose=False)
     fix_fingerprint(saved_model)
+    extra = Path(saved_model) / "assets.extra"  # TF Serving's place for what the graph ignores
+    extra.mkdir()
+    write_json(extra / "dataset.json", dataset)
     model.export(str(onnx_file), format="onnx", verbose=False)
-    fix_onnx_names(onnx_file)
+    fix_onnx(onnx_file, dataset)
     runners = {
         **format_runners(trained, onnx_file, saved_model),
         "keras_float32": model.predict_on_batch,
@@ -251,11 +262,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     p = params.load(Params)
     trained = models.load_model(args.model)
+    dataset = models.recorded(args.model, "dataset")
+    if not dataset:
+        raise PipelineError(f"{args.model} records no dataset; retrain it with `dvc repro train`")
     test = load_prepared(args.data, splits=("test",))
     out = Path(args.out)
     # All or nothing: both exports get their final names only after every check passed.
     with atomic_dir(out / SAVED_MODEL) as saved_model, atomic_file(out / ONNX_FILE) as onnx:
-        details = export(trained, saved_model, onnx, test["x_test"], test["y_test"], p)
+        details = export(trained, dataset, saved_model, onnx, test["x_test"], test["y_test"], p)
         details["size_bytes"] = {
             "keras": size_bytes(args.model),
             "onnx": size_bytes(onnx),

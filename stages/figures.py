@@ -6,26 +6,26 @@ matplotlib.use("Agg")  # headless: CI runners and servers have no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from stages.dataset import NUM_CLASSES
-
 
 def save(fig, path):
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
-def confusion_heatmap(matrix, path):
-    """matrix: (NUM_CLASSES, NUM_CLASSES) counts, rows = actual, columns = predicted."""
-    fig, ax = plt.subplots(figsize=(7, 6))
+def confusion_heatmap(matrix, classes, path):
+    """matrix: (classes, classes) counts, rows = actual, columns = predicted."""
+    side = max(6, 0.5 * len(classes))
+    fig, ax = plt.subplots(figsize=(side + 1, side))
     # Log-ish colour scale so that the few errors stand out against the big diagonal.
     im = ax.imshow(np.log1p(matrix), cmap="Blues")
     for (i, j), count in np.ndenumerate(matrix):
         if count:
             colour = "white" if matrix[i, j] > matrix.max() / 2 else "black"
             ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color=colour)
-    ax.set(
-        xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted", ylabel="actual"
-    )
+    ticks = range(len(classes))
+    ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="actual")
+    ax.set_xticklabels(classes, rotation=90 if max(map(len, classes)) > 2 else 0)
+    ax.set_yticklabels(classes)
     ax.set_title(f"Confusion matrix: {int(np.trace(matrix))}/{int(matrix.sum())} correct")
     fig.colorbar(im, ax=ax, label="log(1 + count)")
     save(fig, path)
@@ -45,7 +45,8 @@ def training_curves(history, path):
 
 
 def error_gallery(images, actual, predicted, confidence, path):
-    """images: (K, 28, 28, 1) in [0, 1], the misclassified digits, most confident first."""
+    """images: (K, height, width, 1 or 3) in [0, 1], the misclassified images, most
+    confident first; actual, predicted: their class names."""
     k = len(images)
     cols = min(8, max(k, 1))
     rows = max(1, int(np.ceil(k / cols)))
@@ -53,7 +54,10 @@ def error_gallery(images, actual, predicted, confidence, path):
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, a, p, c in zip(axes.flat, images, actual, predicted, confidence, strict=False):
-        ax.imshow(image[..., 0], cmap="gray_r", vmin=0, vmax=1)
+        if image.shape[-1] == 1:
+            ax.imshow(image[..., 0], cmap="gray_r", vmin=0, vmax=1)
+        else:
+            ax.imshow(image)
         ax.set_title(f"true {a}, pred {p}\n{c:.1%}", fontsize=8)
     fig.suptitle("Most confident mistakes" if k else "No mistakes", fontsize=10)
     save(fig, path)

@@ -24,17 +24,16 @@ import keras
 from keras import layers
 
 from stages.common import PipelineError, atomic_file
-from stages.dataset import NUM_CLASSES
 
-INPUT_SHAPE = (28, 28, 1)
+MNIST_INPUT = (28, 28, 1)  # the default dataset's images: height, width, channels
 
 
-def reference():
+def reference(input_shape, num_classes):
     # The CNN of the R interface to Keras' MNIST example (Conv 64 -> Conv 128 -> Dense 128);
     # not keras-io's current mnist_convnet.py (Conv 32 -> Conv 64).
     return keras.Sequential(
         [
-            keras.Input(shape=INPUT_SHAPE),
+            keras.Input(shape=input_shape),
             layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
             layers.Conv2D(128, kernel_size=(3, 3), activation="relu"),
             layers.MaxPooling2D(pool_size=(2, 2)),
@@ -42,7 +41,7 @@ def reference():
             layers.Flatten(),
             layers.Dense(128, activation="relu"),
             layers.Dropout(0.25),
-            layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
+            layers.Dense(num_classes, activation="softmax", dtype="float32"),
         ],
         name="reference",
     )
@@ -57,10 +56,10 @@ def conv_bn(filters):
     ]
 
 
-def compact():
+def compact(input_shape, num_classes):
     return keras.Sequential(
         [
-            keras.Input(shape=INPUT_SHAPE),
+            keras.Input(shape=input_shape),
             *conv_bn(32),
             *conv_bn(32),
             layers.MaxPooling2D(),  # (14, 14, 32)
@@ -70,16 +69,16 @@ def compact():
             layers.Flatten(),
             layers.Dense(128, activation="relu"),
             layers.Dropout(0.3),
-            layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
+            layers.Dense(num_classes, activation="softmax", dtype="float32"),
         ],
         name="compact",
     )
 
 
-def best():
+def best(input_shape, num_classes):
     return keras.Sequential(
         [
-            keras.Input(shape=INPUT_SHAPE),
+            keras.Input(shape=input_shape),
             # Active only in training: small shifts, rotations and zooms, as handwriting varies.
             layers.RandomTranslation(0.1, 0.1, fill_mode="constant"),
             layers.RandomRotation(0.03, fill_mode="constant"),
@@ -95,17 +94,17 @@ def best():
             *conv_bn(128),
             layers.GlobalAveragePooling2D(),
             layers.Dropout(0.3),
-            layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
+            layers.Dense(num_classes, activation="softmax", dtype="float32"),
         ],
         name="best",
     )
 
 
-def fast():
+def fast(input_shape, num_classes):
     # After tuomaso/train_mnist_fast (99% in one epoch on a GPU): few channels, no padding.
     return keras.Sequential(
         [
-            keras.Input(shape=INPUT_SHAPE),
+            keras.Input(shape=input_shape),
             layers.Conv2D(24, 5, activation="relu"),  # (24, 24, 24)
             layers.MaxPooling2D(),  # (12, 12, 24)
             layers.Conv2D(32, 3, activation="relu"),  # (10, 10, 32)
@@ -116,7 +115,7 @@ def fast():
             layers.BatchNormalization(momentum=0.9),
             layers.Flatten(),
             layers.Dense(256, activation="relu"),
-            layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
+            layers.Dense(num_classes, activation="softmax", dtype="float32"),
         ],
         name="fast",
     )
@@ -128,7 +127,7 @@ BUILDERS = {"reference": reference, "compact": compact, "best": best, "fast": fa
 @dataclass(frozen=True)
 class Recipe:
     """A preset's own training settings: what train.epochs, train.batch_size and
-    train.learning_rate mean when params.yaml leaves them null."""
+    train.learning_rate mean when params.yaml says `preset`."""
 
     epochs: int
     batch_size: int
@@ -146,9 +145,19 @@ RECIPES = {
 FAST_WARMUP = 0.2  # fraction of the steps spent ramping up to the peak rate
 
 
-def build(name):
-    """Returns the uncompiled model of preset `name`."""
-    return BUILDERS[name]()
+def build(name, input_shape=MNIST_INPUT, num_classes=10):
+    """Returns the uncompiled model of preset `name` for images of `input_shape` (height,
+    width, channels) and `num_classes` classes; one line when the images are too small
+    for the preset's convolutions and poolings."""
+    try:
+        return BUILDERS[name](tuple(input_shape), num_classes)
+    except ValueError as e:  # Keras: a layer's output would have a size below 1
+        height, width, _ = input_shape
+        raise PipelineError(
+            f"preset {name} cannot take {height}x{width} images "
+            f"({str(e).splitlines()[0][:100]}); choose compact or best, or raise "
+            "fetch.image_size"
+        ) from None
 
 
 def optimizer(name, learning_rate, total_steps):
@@ -195,21 +204,21 @@ def renumber_shared_objects(config, ids=None):
     return config
 
 
-def reproducible(name, data, training=None):
+def reproducible(name, data, recorded=None):
     if name == "metadata.json":
         metadata = json.loads(data)
         metadata.pop("date_saved", None)
-        if training is not None:
-            metadata["training"] = training
+        metadata.update(recorded or {})
         return json.dumps(metadata).encode()
     if name == "config.json":
         return json.dumps(renumber_shared_objects(json.loads(data))).encode()
     return data
 
 
-def save_model(model, path, training=None):
+def save_model(model, path, recorded=None):
     """Writes `model` to the .keras file `path` atomically, byte-for-byte reproducibly;
-    `training` (a dict: what it was trained with) goes into the file's metadata.json."""
+    `recorded` ({"training": what it was trained with, "dataset": its name, classes and
+    preparation}) goes into the file's metadata.json."""
     with atomic_file(path) as tmp:
         model.save(tmp)
         with zipfile.ZipFile(tmp) as archive:
@@ -218,13 +227,14 @@ def save_model(model, path, training=None):
             for info, data in entries:
                 fixed = zipfile.ZipInfo(info.filename, date_time=ZIP_EPOCH)
                 fixed.compress_type = info.compress_type
-                archive.writestr(fixed, reproducible(info.filename, data, training))
+                archive.writestr(fixed, reproducible(info.filename, data, recorded))
 
 
-def training_settings(path):
-    """The `training` dict that save_model recorded in a .keras file ({} if none)."""
+def recorded(path, key):
+    """What save_model recorded under `key` ("training" or "dataset") in a .keras file
+    ({} if nothing)."""
     with zipfile.ZipFile(path) as archive:
-        return json.loads(archive.read("metadata.json")).get("training", {})
+        return json.loads(archive.read("metadata.json")).get(key, {})
 
 
 def load_model(path):

@@ -56,7 +56,9 @@ def describe(schema):
         nullable = len(options) < len(schema["anyOf"])
         return " or ".join(describe(s) for s in options) + (" or null" if nullable else "")
     if "enum" in schema or "const" in schema:
-        words = [yaml.safe_dump(c).split("\n")[0] for c in schema.get("enum", [schema.get("const")])]
+        words = [
+            yaml.safe_dump(c).split("\n")[0] for c in schema.get("enum", [schema.get("const")])
+        ]
         return words[0] if len(words) == 1 else "one of " + ", ".join(words)
     kind = schema.get("type")
     if kind == "boolean":
@@ -72,7 +74,13 @@ def describe(schema):
             return f"a number in {low}{lo:g}, {hi:g}{high}"
         return " ".join(filter(None, ["a number", bounds(schema, " and ")]))
     if kind == "string":
-        return "a string"
+        return "a non-empty string" if schema.get("minLength") else "a string"
+    if kind == "array" and "prefixItems" in schema:  # a tuple
+        each = {describe(s) for s in schema["prefixItems"]}
+        what = (
+            each.pop() if len(each) == 1 else " / ".join(describe(s) for s in schema["prefixItems"])
+        )
+        return f"a list of {len(schema['prefixItems'])} values, each {what}"
     if kind == "array":
         items = schema.get("items", {})
         what = items.get("description") or describe(items)

@@ -1,12 +1,15 @@
-"""Prepare stage: parses the IDX files into model-ready arrays.
+"""Prepare stage: parses fetch's IDX files into model-ready arrays.
 
-Reads   params.yaml `prepare` (train_size, validation_split, test_size) and IN/*.gz from
-        fetch.
-Writes  OUT/{x,y}_{train,val,test}.npy in the format of stages/dataset.py.
+Reads   params.yaml `prepare` (train_size, validation_split, test_size) and RAW/ from
+        fetch: dataset.json and the IDX files it names.
+Writes  OUT/{x,y}_{train,val,test}.npy and OUT/dataset.json in the format of
+        stages/dataset.py: images scaled to [0, 1] with a channel axis.
 """
 
 import argparse
 import gzip
+import json
+import zlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -15,24 +18,19 @@ from pydantic import Field
 
 from stages import params
 from stages.common import PipelineError, run_cli
-from stages.dataset import NUM_CLASSES, save_prepared
+from stages.dataset import save_prepared
 
 
 class Params(params.Section):
     section = "prepare"
 
     # A word, not null, for "all": DVC's `-S` rewrites every `null` as an empty value.
-    train_size: Annotated[int, Field(ge=1, le=60_000)] | Literal["all"]  # the first N
+    train_size: Annotated[int, Field(ge=1)] | Literal["all"]  # the first N
     validation_split: float = Field(ge=0, lt=1)  # last fraction held out, as Keras does
-    test_size: Annotated[int, Field(ge=1, le=10_000)] | Literal["all"]  # the first N
+    test_size: Annotated[int, Field(ge=1)] | Literal["all"]  # the first N
 
 
-IMAGE_SHAPE = (28, 28)
-IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only one MNIST uses
-SOURCES = {  # split -> (images file, labels file)
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
+IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only one these datasets use
 
 
 def parse_idx(data, ndim, name="data"):
@@ -57,28 +55,53 @@ def parse_idx(data, ndim, name="data"):
 
 
 def read_idx(path, ndim):
-    """Reads a gzipped IDX file."""
+    """Reads a gzipped IDX file of `ndim` dimensions (a tuple: any one of them)."""
+    ndim = (ndim,) if isinstance(ndim, int) else ndim
     path = Path(path)
     try:
         with gzip.open(path, "rb") as f:
-            return parse_idx(f.read(), ndim, name=path.name)
+            data = f.read()
     except FileNotFoundError:
         raise PipelineError(f"{path} not found; run `dvc repro fetch` first") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise PipelineError(f"{path}: not a complete gzip file ({e}); rerun fetch") from None
+    found = data[3] if len(data) > 3 else None
+    return parse_idx(data, found if found in ndim else ndim[0], name=path.name)
 
 
 def scale_images(images):
-    """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1) in [0, 1]."""
-    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
-        raise PipelineError(f"images must have shape (N, 28, 28), got {images.shape}")
-    # Conv2D wants a channel axis; MNIST is greyscale, so one channel.
-    return (images.astype(np.float32) / 255.0)[..., np.newaxis]
+    """uint8 (N, height, width) or (N, height, width, channels) -> float32
+    (N, height, width, channels) in [0, 1]: Conv2D wants a channel axis."""
+    if images.ndim == 3:
+        images = images[..., np.newaxis]  # grey: one channel
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise PipelineError(
+            f"images must have shape (N, height, width) or (N, height, width, 1 or 3), "
+            f"got {images.shape}"
+        )
+    return images.astype(np.float32) / 255.0
 
 
-def check_labels(labels, images, name):
+def check_labels(labels, images, name, num_classes):
     if labels.shape != (len(images),):
         raise PipelineError(f"{name}: {len(labels)} labels for {len(images)} images")
-    if labels.size and labels.max() >= NUM_CLASSES:
-        raise PipelineError(f"{name}: label {labels.max()} out of range 0-9")
+    if labels.size and labels.max() >= num_classes:
+        raise PipelineError(
+            f"{name}: label {labels.max()} out of range 0-{num_classes - 1} "
+            f"({num_classes} classes in dataset.json)"
+        )
+
+
+def take(images, labels, size, split, key):
+    """The first `size` images and labels ("all": every one)."""
+    if size == "all":
+        return images, labels
+    if size > len(images):
+        raise PipelineError(
+            f"prepare.{key} is {size} but the dataset has {len(images)} {split} images; "
+            f"lower it or set it to all"
+        )
+    return images[:size], labels[:size]
 
 
 def split_validation(x, y, validation_split):
@@ -101,14 +124,16 @@ def prepare(
     train_size,
     validation_split,
     test_size="all",
+    num_classes=10,
 ):
     """Raw uint8 arrays -> dict of the six model-ready arrays. train_size and test_size
-    keep the first N images of each set ("all" or None: all)."""
-    check_labels(train_labels, train_images, "train")
-    check_labels(test_labels, test_images, "test")
-    train_size, test_size = (None if n == "all" else n for n in (train_size, test_size))
-    train_images, train_labels = train_images[:train_size], train_labels[:train_size]
-    test_images, test_labels = test_images[:test_size], test_labels[:test_size]
+    keep the first N images of each set ("all": all)."""
+    check_labels(train_labels, train_images, "train", num_classes)
+    check_labels(test_labels, test_images, "test", num_classes)
+    train_images, train_labels = take(
+        train_images, train_labels, train_size, "training", "train_size"
+    )
+    test_images, test_labels = take(test_images, test_labels, test_size, "test", "test_size")
     (x_train, y_train), (x_val, y_val) = split_validation(
         scale_images(train_images), train_labels, validation_split
     )
@@ -123,11 +148,29 @@ def prepare(
 
 
 def load_raw(raw_dir):
-    """Reads the four IDX files from raw_dir."""
+    """Reads fetch's output: (info, [train images, train labels, test images, test labels])."""
     raw_dir = Path(raw_dir)
+    path = raw_dir / "dataset.json"
+    try:
+        info = json.loads(path.read_text())
+        files = info.pop("files")
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found; run `dvc repro fetch` first") from None
+    except (json.JSONDecodeError, KeyError, AttributeError):
+        raise PipelineError(f"{path} is not fetch's dataset.json; rerun fetch") from None
+    return info, read_arrays(raw_dir, files)
+
+
+def read_arrays(raw_dir, files):
+    """[train images, train labels, test images, test labels] from the IDX files that
+    `files` names ({"train": [images, labels], "test": [...]}) in raw_dir."""
     arrays = []
-    for images_file, labels_file in SOURCES.values():
-        arrays += [read_idx(raw_dir / images_file, 3), read_idx(raw_dir / labels_file, 1)]
+    for split in ("train", "test"):
+        images_file, labels_file = files[split]
+        arrays += [
+            read_idx(Path(raw_dir) / images_file, (3, 4)),
+            read_idx(Path(raw_dir) / labels_file, (1,)),
+        ]
     return arrays
 
 
@@ -137,10 +180,12 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="directory for the .npy arrays")
     args = parser.parse_args(argv)
     p = params.load(Params)
-    arrays = prepare(*load_raw(args.raw), p.train_size, p.validation_split, p.test_size)
-    save_prepared(arrays, args.out)
+    info, raw = load_raw(args.raw)
+    arrays = prepare(*raw, p.train_size, p.validation_split, p.test_size, len(info["classes"]))
+    save_prepared(arrays, info, args.out)
     sizes = ", ".join(f"{s} {len(arrays['y_' + s])}" for s in ("train", "val", "test"))
-    print(f"prepare: wrote {args.out} ({sizes})")
+    shape = "x".join(map(str, arrays["x_train"].shape[1:]))
+    print(f"prepare: wrote {args.out} ({info['name']}, {shape}, {sizes})")
 
 
 if __name__ == "__main__":

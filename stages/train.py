@@ -1,12 +1,13 @@
 """Train stage: fits the CNN preset chosen by `train.model` on the prepared arrays.
 
-Reads   params.yaml `train` and DATA/{x,y}_{train,val}.npy from prepare.
-Writes  MODEL (native .keras file) and LIVE/ (dvclive: per-epoch loss, accuracy, val_loss,
-        val_accuracy as plots/metrics/{train,eval}/*.tsv with step = epoch, 1-based, and
-        metrics.json). While training, CHECKPOINT/ holds a backup of the last finished
-        epoch and a copy of LIVE/ up to it, so that a killed run resumes from there with
-        its history (DVC deletes LIVE/ before rerunning the stage); a finished run
-        deletes CHECKPOINT/.
+Reads   params.yaml `train` and DATA/{x,y}_{train,val}.npy and DATA/dataset.json from
+        prepare: the model takes the images' shape and has one output per class.
+Writes  MODEL (native .keras file, recording its dataset and training settings) and
+        LIVE/ (dvclive: per-epoch loss, accuracy, val_loss, val_accuracy as
+        plots/metrics/{train,eval}/*.tsv with step = epoch, 1-based, and metrics.json).
+        While training, CHECKPOINT/ holds a backup of the last finished epoch and a copy
+        of LIVE/ up to it, so that a killed run resumes from there with its history (DVC
+        deletes LIVE/ before rerunning the stage); a finished run deletes CHECKPOINT/.
 
 Runs on whatever Keras finds: a GPU when one is visible (several -> MirroredStrategy),
 else the CPU. Model code uses Keras 3 APIs only, so KERAS_BACKEND=jax works too.
@@ -52,7 +53,7 @@ from dvclive import Live
 from dvclive.utils import standardize_metric_name
 
 from stages import models
-from stages.dataset import NUM_CLASSES, load_prepared
+from stages.dataset import load_info, load_prepared
 
 FINGERPRINT = "fingerprint.json"
 
@@ -167,8 +168,8 @@ def resumed_epoch(checkpoint_dir):
     return json.loads(metadata.read_text())["epoch"]
 
 
-def compile_model(p, steps_per_epoch):
-    model = models.build(p.model)
+def compile_model(p, steps_per_epoch, input_shape, num_classes):
+    model = models.build(p.model, input_shape, num_classes)
     model.compile(
         optimizer=models.optimizer(p.model, p.learning_rate, p.epochs * steps_per_epoch),
         loss="categorical_crossentropy",
@@ -178,9 +179,9 @@ def compile_model(p, steps_per_epoch):
     return model
 
 
-def train_model(data, p, callbacks=(), verbose="auto"):
-    """Builds, compiles and fits preset p.model ("preset" settings: the preset's own);
-    returns the trained model.
+def train_model(data, p, callbacks=(), verbose="auto", num_classes=10):
+    """Builds, compiles and fits preset p.model ("preset" settings: the preset's own) for
+    data's image shape and `num_classes` classes; returns the trained model.
 
     verbose="auto": Keras' live progress bar on a terminal, one line per epoch otherwise
     (CI logs, `dvc exp run --queue`, a file)."""
@@ -192,12 +193,13 @@ def train_model(data, p, callbacks=(), verbose="auto"):
     keras.mixed_precision.set_dtype_policy(policy)
     strategy = make_strategy(p.distribute, gpus)
     steps_per_epoch = int(np.ceil(len(data["x_train"]) / p.batch_size))
+    shape = data["x_train"].shape[1:]
     if strategy is None:
-        model = compile_model(p, steps_per_epoch)
+        model = compile_model(p, steps_per_epoch, shape, num_classes)
     else:
         print(f"train: MirroredStrategy over {strategy.num_replicas_in_sync} replicas")
         with strategy.scope():
-            model = compile_model(p, steps_per_epoch)
+            model = compile_model(p, steps_per_epoch, shape, num_classes)
     print(f"train: preset {p.model}, {model.count_params():,} parameters, precision {policy}")
     has_val = len(data["x_val"]) > 0
     if verbose == "auto":
@@ -205,11 +207,11 @@ def train_model(data, p, callbacks=(), verbose="auto"):
     start = time.perf_counter()
     model.fit(
         data["x_train"],
-        keras.utils.to_categorical(data["y_train"], NUM_CLASSES),
+        keras.utils.to_categorical(data["y_train"], num_classes),
         batch_size=p.batch_size,
         epochs=p.epochs,
         validation_data=(
-            (data["x_val"], keras.utils.to_categorical(data["y_val"], NUM_CLASSES))
+            (data["x_val"], keras.utils.to_categorical(data["y_val"], num_classes))
             if has_val
             else None
         ),
@@ -291,6 +293,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     p = params.load(Params)
     data = load_prepared(args.data, splits=("train", "val"))
+    info = load_info(args.data)
     fp = fingerprint(with_recipe(p), data)
     resume = can_resume(args.checkpoint, fp)
     epochs_done = resumed_epoch(args.checkpoint) if resume else 0
@@ -304,8 +307,10 @@ def main(argv=None):
     # run continues at the epoch Keras resumes from (dvclive alone would log a run killed
     # after its first epoch at step 1 twice).
     live.step = 1 + epochs_done
-    model = train_model(data, p, make_callbacks(live, args.checkpoint))
-    models.save_model(model, args.model, training=settings_of(model, p))
+    model = train_model(
+        data, p, make_callbacks(live, args.checkpoint), num_classes=len(info["classes"])
+    )
+    models.save_model(model, args.model, {"training": settings_of(model, p), "dataset": info})
     # Finished: BackupAndRestore has deleted its backup; drop the stamp and the folder too,
     # so nothing from this run can leak into the next one.
     shutil.rmtree(args.checkpoint)

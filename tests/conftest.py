@@ -31,7 +31,8 @@ def find_mnist():
         from stages.common import PipelineError
 
         try:
-            fetch.fetch(params.load(fetch.Params, ROOT / "params.yaml").mirrors, cache, timeout_s=20)
+            mnist = fetch.load_description(ROOT / "data" / "mnist.yaml")
+            fetch.fetch_idx(mnist, mnist.mirrors, cache, timeout_s=20)
         except PipelineError as e:
             return cache, f"MNIST not found and not downloadable ({e})"
     return cache, None
@@ -61,7 +62,16 @@ def write_params(path, source=ROOT / "params.yaml", **overrides):
 
 # What a user's clone holds that the pipeline needs: tests copy these into temporary
 # git repositories to run real `dvc` commands.
-PROJECT_FILES = ["stages", "tools", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", ".ci"]
+PROJECT_FILES = [
+    "stages",
+    "tools",
+    "dvc.yaml",
+    "params.yaml",
+    ".gitignore",
+    ".dvcignore",
+    ".ci",
+    *(f"data/{name}.yaml" for name in ("mnist", "fashion-mnist", "kmnist")),
+]
 
 
 def copy_project(dest):
@@ -74,6 +84,7 @@ def copy_project(dest):
             ignore = shutil.ignore_patterns("__pycache__", "node_modules")
             shutil.copytree(source, dest / name, ignore=ignore)
         else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
     return dest
 
@@ -93,6 +104,30 @@ def edit_params(path, **overrides):
     Path(path).write_text("".join(lines))
 
 
+# The dataset record of MNIST as fetch and prepare write it (data/mnist.yaml).
+MNIST_INFO = {"name": "mnist", "classes": [str(d) for d in range(10)], "preparation": "digits"}
+
+
+def mnist_arrays(directory=None):
+    """[train images, train labels, test images, test labels] of the MNIST files."""
+    from stages import fetch, prepare
+
+    mnist = fetch.load_description(ROOT / "data" / "mnist.yaml")
+    return prepare.read_arrays(
+        directory or MNIST_MIRROR, {"train": mnist.train, "test": mnist.test}
+    )
+
+
+def export_onnx(model, path, dataset=None):
+    """`model` as an ONNX file at `path` recording `dataset` (default MNIST's), as the
+    export stage writes it."""
+    from stages.export import fix_onnx
+
+    model.export(str(path), format="onnx", verbose=False)
+    fix_onnx(path, dataset or MNIST_INFO)
+    return path
+
+
 def make_prepared(out_dir, n_train=96, n_val=32, n_test=64, seed=0):
     """Writes a tiny learnable dataset in prepare's format: digit c is a bright 4x4 patch
     at a position that depends on c, plus noise."""
@@ -107,6 +142,7 @@ def make_prepared(out_dir, n_train=96, n_val=32, n_test=64, seed=0):
             images[i, row : row + 4, col : col + 4, 0] = 1.0
         np.save(out_dir / f"x_{split}.npy", images)
         np.save(out_dir / f"y_{split}.npy", labels)
+    (out_dir / "dataset.json").write_text(json.dumps(MNIST_INFO))
     return out_dir
 
 

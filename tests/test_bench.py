@@ -285,7 +285,7 @@ def test_export_speed_times_each_format_the_pipeline_exported(reproduced, tmp_pa
     result = run_bench("export_speed", "--images", 3, "--out", tmp_path, cwd=project)
     figures = json.loads((tmp_path / "export_speed.json").read_text())
     # The .keras model in the precision the train stage recorded in it
-    trained_in = models.training_settings(project / "data/model/model.keras")["precision"]
+    trained_in = models.recorded(project / "data/model/model.keras", "training")["precision"]
     assert list(figures) == [f"keras ({trained_in})", "onnx", "saved_model"]
     assert all(set(timing) == {"batch_1", "batch_1000"} for timing in figures.values())
     assert "ms per image: batch 1 (median of 3) / batch 1000" in result.stdout

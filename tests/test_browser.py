@@ -21,7 +21,7 @@ from stages.common import write_json
 from stages.export import float32_copy
 from stages.models import save_model
 from stages.train import train_model
-from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT, write_params
+from tests.conftest import HAVE_MNIST, MNIST_INFO, ROOT, export_onnx, mnist_arrays, write_params
 from tools.paths import dvc_var
 
 # Debian's package (Playwright's own browser download needs the internet); CI may name
@@ -65,13 +65,13 @@ def project(tmp_path_factory):
         train__batch_size=128,
         train__learning_rate=0.015,
     )
-    data = prepare.prepare(*prepare.load_raw(MNIST_MIRROR), TRAIN_IMAGES, 0.1)
+    data = prepare.prepare(*mnist_arrays(), TRAIN_IMAGES, 0.1)
     model = train_model(data, params.load(train.Params, root / "params.yaml"), verbose=0)
-    save_model(model, root / dvc_var("model", root / "dvc.yaml"))
+    save_model(model, root / dvc_var("model", root / "dvc.yaml"), {"dataset": MNIST_INFO})
     # The export stage's ONNX file, which the server prefers (as after `dvc repro`).
     onnx = root / dvc_var("exported", root / "dvc.yaml") / "model.onnx"
     onnx.parent.mkdir(parents=True)
-    float32_copy(model).export(str(onnx), format="onnx", verbose=False)
+    export_onnx(float32_copy(model), onnx)
     probs = model.predict(data["x_test"], batch_size=1000, verbose=0)
     accuracy = float(np.mean(probs.argmax(axis=1) == data["y_test"]))
     write_json(

@@ -45,8 +45,16 @@ def code_of(stage):
     return seen
 
 
+def lookup(key):
+    """A ${key} of dvc.yaml: one of its vars, or a dotted params.yaml key."""
+    if key in VARS:
+        return VARS[key]
+    section, name = key.split(".")
+    return PARAMS[section][name]
+
+
 def expand(path):
-    return re.sub(r"\$\{(\w+)\}", lambda m: VARS[m.group(1)], path)
+    return re.sub(r"\$\{([\w.]+)\}", lambda m: lookup(m.group(1)), path)
 
 
 def outputs(stage):
@@ -66,8 +74,10 @@ def check_deps(stages):
             problems.append(
                 f"{stage}: code deps {sorted(code)} but it runs {sorted(code_of(stage))}"
             )
+        # The pipeline's one input: the dataset that fetch.source names, fetch's alone.
+        source = {PARAMS["fetch"]["source"]} if stage == "fetch" else set()
         for data in set(deps) - code:
-            if data not in earlier:
+            if data not in earlier | source:
                 problems.append(f"{stage}: {data} is no output of an earlier stage")
         fields = schema(stage).model_fields
         tracked = [f"{stage}.{k}" for k in fields if k not in schema(stage).untracked]
@@ -95,11 +105,22 @@ def test_a_stray_or_missing_dependency_is_caught():
     stray = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     stray["train"]["deps"].append("stages/figures.py")  # evaluate's, not train's
     stray["export"]["deps"].remove("tools/inference.py")
-    stray["fetch"]["params"] = ["fetch.mirrors"]  # checksum-verified: cannot change it
+    stray["fetch"]["params"].append("fetch.timeout_s")  # checksums decide: cannot change it
     stray["evaluate"]["deps"].append("data/nowhere")
+    stray["prepare"]["deps"].append("${fetch.source}")  # fetch's input, not prepare's
     problems = check_deps(stray)
-    assert [p.split(":")[0] for p in problems] == ["fetch", "train", "evaluate", "export"]
-    assert "fetch: params ['fetch.mirrors'], expected []" in problems
+    assert [p.split(":")[0] for p in problems] == [
+        "fetch",
+        "prepare",
+        "train",
+        "evaluate",
+        "export",
+    ]
+    fetch_params = "fetch.source, fetch.image_size, fetch.channels, fetch.test_split, fetch.seed"
+    assert f"fetch: params [{fetch_params}, fetch.timeout_s], expected [{fetch_params}]" in [
+        p.replace("'", "") for p in problems
+    ]
+    assert "prepare: data/mnist.yaml is no output of an earlier stage" in problems
     assert "evaluate: data/nowhere is no output of an earlier stage" in problems
 
 

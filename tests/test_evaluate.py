@@ -10,14 +10,14 @@ import pytest
 from stages import evaluate, models
 from stages.common import PipelineError
 from stages.dataset import load_prepared
-from tests.conftest import make_prepared
+from tests.conftest import MNIST_INFO, make_prepared
 
 
-def one_hot_probs(predicted, confidence):
+def one_hot_probs(predicted, confidence, classes=10):
     """Softmax-like rows: `confidence` on the predicted class, the rest spread evenly."""
-    probs = np.full((len(predicted), 10), 0.0)
+    probs = np.full((len(predicted), classes), 0.0)
     for i, (p, c) in enumerate(zip(predicted, confidence, strict=False)):
-        probs[i] = (1 - c) / 9
+        probs[i] = (1 - c) / (classes - 1)
         probs[i, p] = c
     return probs
 
@@ -28,8 +28,12 @@ def test_metrics_on_a_hand_checked_confusion():
     probs = one_hot_probs([0, 1, 1, 1], [0.9, 0.6, 0.8, 0.7])
     m = evaluate.compute_metrics(labels, probs)
     true_class_p = [0.9, 0.4 / 9, 0.8, 0.3 / 9]
-    assert m == {"accuracy": 0.5, "errors": 2, "loss": pytest.approx(-np.mean(np.log(true_class_p)))}
-    per_class = evaluate.per_class_metrics(labels, probs)
+    assert m == {
+        "accuracy": 0.5,
+        "errors": 2,
+        "loss": pytest.approx(-np.mean(np.log(true_class_p))),
+    }
+    per_class = evaluate.per_class_metrics(labels, probs, MNIST_INFO["classes"])
     assert per_class["0"] == {
         "precision": 1.0,
         "recall": 0.5,
@@ -96,6 +100,7 @@ def test_outputs_are_written_together_as_valid_pngs(tmp_path):
         evaluate.read_history(tmp_path / "live"),
         gallery_size=4,
         dtype_policy="mixed_bfloat16",
+        classes=MNIST_INFO["classes"],
     )
     confidence = np.linspace(0.5, 0.99, 20)
     wrong = np.arange(20) % 3 == 0
@@ -116,6 +121,36 @@ def test_outputs_are_written_together_as_valid_pngs(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         assert width >= 300 and height >= 150, (name, width, height)
+
+
+def test_classes_are_named_in_every_output_and_colour_images_are_drawn(tmp_path):
+    labels = np.array([0, 1, 2, 2, 1])
+    probs = one_hot_probs(np.array([0, 1, 2, 0, 1]), np.full(5, 0.8), classes=3)
+    images = np.random.default_rng(0).uniform(size=(5, 12, 16, 3)).astype(np.float32)
+    write_history(tmp_path / "live", [0.5], [0.4])
+    classes = ["cat", "dog", "T-shirt/top, long"]
+    evaluate.write_outputs(
+        tmp_path / "out",
+        labels,
+        probs,
+        images,
+        evaluate.read_history(tmp_path / "live"),
+        gallery_size=4,
+        dtype_policy="float32",
+        classes=classes,
+    )
+    per_class = json.loads((tmp_path / "out" / "per_class.json").read_text())
+    assert list(per_class) == ["T-shirt/top, long", "cat", "dog"]  # sorted by write_json
+    assert per_class["T-shirt/top, long"] == {
+        "precision": 1.0,
+        "recall": 0.5,
+        "f1": pytest.approx(2 / 3),
+        "support": 2,
+    }
+    confusion = pd.read_csv(tmp_path / "out" / "confusion.csv")
+    assert confusion["actual"].tolist() == ["cat", "dog", classes[2], classes[2], "dog"]
+    assert confusion["predicted"].tolist() == ["cat", "dog", classes[2], "cat", "dog"]
+    assert (tmp_path / "out" / "plots" / "errors.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_truncated_model_file_is_a_one_line_error(tmp_path):

@@ -11,17 +11,20 @@ import pytest
 
 from stages import fetch
 from stages.common import PipelineError
-from tests.conftest import HAVE_MNIST, MNIST_MIRROR
+from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT
 
-# Four tiny stand-ins for the MNIST files, with their hashes patched into fetch.FILES.
-CONTENT = {name: f"content of {name}".encode() for name in fetch.FILES}
+MNIST = fetch.load_description(ROOT / "data" / "mnist.yaml")
+# Four tiny stand-ins for the MNIST files, in a description with their checksums.
+CONTENT = {name: f"content of {name}".encode() for name in MNIST.checksums}
+FAKE = MNIST.model_copy(
+    update={"checksums": {n: f"sha256:{hashlib.sha256(c).hexdigest()}" for n, c in CONTENT.items()}}
+)
 
 
 @pytest.fixture
-def fake_files(monkeypatch):
-    monkeypatch.setattr(
-        fetch, "FILES", {n: hashlib.sha256(c).hexdigest() for n, c in CONTENT.items()}
-    )
+def fake_files():
+    """fetch(mirrors, out) of the fake description."""
+    return lambda mirrors, out, timeout_s=5: fetch.fetch_idx(FAKE, mirrors, out, timeout_s)
 
 
 def make_mirror(path, broken=None, how="corrupt"):
@@ -51,14 +54,16 @@ def http_mirror(tmp_path):
 
 def test_fetch_from_a_directory_mirror(tmp_path, fake_files):
     mirror = make_mirror(tmp_path / "mirror")
-    sources = fetch.fetch([str(mirror)], tmp_path / "raw", timeout_s=5)
-    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(CONTENT)
+    sources = fake_files([str(mirror)], tmp_path / "raw", timeout_s=5)
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(
+        [*CONTENT, "dataset.json"]
+    )
     assert set(sources.values()) == {str(mirror)}
 
 
 def test_unreachable_mirror_is_skipped_for_a_good_http_one(tmp_path, fake_files, http_mirror):
     unreachable = "http://127.0.0.1:9/"  # discard port: connection refused
-    sources = fetch.fetch([unreachable, http_mirror], tmp_path / "raw", timeout_s=5)
+    sources = fake_files([unreachable, http_mirror], tmp_path / "raw", timeout_s=5)
     assert set(sources.values()) == {http_mirror}
     name = "t10k-labels-idx1-ubyte.gz"
     assert gzip.decompress((tmp_path / "raw" / name).read_bytes()) == CONTENT[name]
@@ -83,10 +88,10 @@ def test_download_cut_short_is_rejected_and_the_next_mirror_used(tmp_path, fake_
     cut = f"http://127.0.0.1:{server.server_address[1]}/"
     good = make_mirror(tmp_path / "good")
     try:
-        sources = fetch.fetch([cut, str(good)], tmp_path / "raw", timeout_s=5)
+        sources = fake_files([cut, str(good)], tmp_path / "raw", timeout_s=5)
         assert set(sources.values()) == {str(good)}
         with pytest.raises(PipelineError) as error:
-            fetch.fetch([cut], tmp_path / "raw2", timeout_s=5)
+            fake_files([cut], tmp_path / "raw2", timeout_s=5)
     finally:
         server.shutdown()
     assert f"{cut} (download cut short after 10 of 1000 bytes)" in str(error.value)
@@ -96,7 +101,7 @@ def test_download_cut_short_is_rejected_and_the_next_mirror_used(tmp_path, fake_
 def test_checksum_mismatch_falls_back_to_the_next_mirror(tmp_path, fake_files):
     bad = make_mirror(tmp_path / "bad", broken="train-labels-idx1-ubyte.gz")
     good = make_mirror(tmp_path / "good")
-    sources = fetch.fetch([str(bad), str(good)], tmp_path / "raw", timeout_s=5)
+    sources = fake_files([str(bad), str(good)], tmp_path / "raw", timeout_s=5)
     assert sources["train-labels-idx1-ubyte.gz"] == str(good)
     assert sources["train-images-idx3-ubyte.gz"] == str(bad)
 
@@ -107,7 +112,7 @@ def test_no_working_mirror_lists_each_failure_and_writes_nothing(tmp_path, fake_
     truncated = make_mirror(tmp_path / "truncated", broken=name, how="truncated")
     missing = tmp_path / "missing"
     with pytest.raises(PipelineError) as error:
-        fetch.fetch(
+        fake_files(
             [str(corrupt), str(truncated), str(missing), "http://127.0.0.1:9/"],
             tmp_path / "raw",
             timeout_s=5,
@@ -117,9 +122,7 @@ def test_no_working_mirror_lists_each_failure_and_writes_nothing(tmp_path, fake_
     # The OS's and zlib's own words (after our "(") differ between platforms: not pinned.
     message = str(error.value)
     assert message.startswith(f"no mirror served a valid {name}: ")
-    assert message.endswith(
-        ". Set MNIST_MIRROR to a directory or URL holding the four MNIST .gz files"
-    )
+    assert message.endswith(". Set MNIST_MIRROR to a directory or URL holding the dataset's files")
     reasons = message.split(": ", 1)[1].split("; ")
     assert reasons[0] == f"{corrupt} (sha256 mismatch (got {got}…, want {want}…))"
     assert reasons[1].startswith(f"{truncated} (not a complete gzip file (")
@@ -131,24 +134,58 @@ def test_no_working_mirror_lists_each_failure_and_writes_nothing(tmp_path, fake_
 
 def test_failed_fetch_keeps_the_previous_output(tmp_path, fake_files):
     good = make_mirror(tmp_path / "good")
-    fetch.fetch([str(good)], tmp_path / "raw", timeout_s=5)
+    fake_files([str(good)], tmp_path / "raw", timeout_s=5)
     shutil.rmtree(good)
     with pytest.raises(PipelineError):
-        fetch.fetch([str(good)], tmp_path / "raw", timeout_s=5)
-    assert len(list((tmp_path / "raw").iterdir())) == 4
+        fake_files([str(good)], tmp_path / "raw", timeout_s=5)
+    assert len(list((tmp_path / "raw").iterdir())) == 5  # four files and dataset.json
 
 
-def test_mnist_mirror_env_comes_first():
-    env = {"MNIST_MIRROR": "/srv/mnist"}
-    assert fetch.mirror_list(["https://a/", "https://b/"], env) == [
+def test_the_description_s_mirror_env_comes_first():
+    two = MNIST.model_copy(update={"mirrors": ("https://a/", "https://b/")})
+    assert fetch.mirror_list(two, {"MNIST_MIRROR": "/srv/mnist"}) == [
         "/srv/mnist",
         "https://a/",
         "https://b/",
     ]
-    assert fetch.mirror_list(["https://a/"], {}) == ["https://a/"]
+    assert fetch.mirror_list(two, {"KMNIST_MIRROR": "/srv/k"}) == ["https://a/", "https://b/"]
+
+
+def test_an_md5_checksum_is_of_the_file_as_served(tmp_path):
+    """Fashion-MNIST and Kuzushiji-MNIST publish the MD5 of each .gz file."""
+    mirror = make_mirror(tmp_path / "mirror")
+    md5 = {n: hashlib.md5((mirror / n).read_bytes()).hexdigest() for n in CONTENT}
+    described = FAKE.model_copy(update={"checksums": {n: f"md5:{h}" for n, h in md5.items()}})
+    fetch.fetch_idx(described, [str(mirror)], tmp_path / "raw", 5)
+    name = "train-images-idx3-ubyte.gz"
+    (mirror / name).write_bytes(gzip.compress(CONTENT[name], mtime=1))  # same content, other bytes
+    with pytest.raises(PipelineError) as error:
+        fetch.fetch_idx(described, [str(mirror)], tmp_path / "raw2", 5)
+    assert f"{mirror} (md5 mismatch (got " in str(error.value)
+    assert f"want {md5[name][:12]}…))" in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "kmnist"])
+def test_each_shipped_description_is_complete(name):
+    described = fetch.load_description(ROOT / "data" / f"{name}.yaml")
+    assert described.name == name
+    assert len(described.classes) == 10
+    assert sorted(described.checksums) == sorted([*described.train, *described.test])
+    assert described.preparation == ("digits" if name == "mnist" else "resize")
+
+
+def test_a_broken_description_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nclasses: [a]\npreparation: digits\n")
+    with pytest.raises(PipelineError) as error:
+        fetch.load_description(bad)
+    message = str(error.value)
+    assert message.startswith(f"{bad} is not a dataset description (classes: ")
+    for key in ("mirror_env", "mirrors", "train", "test", "checksums"):
+        assert f"; {key}: Field required" in message
 
 
 @pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present")
 def test_the_real_mnist_files_verify(tmp_path):
-    sources = fetch.fetch([str(MNIST_MIRROR)], tmp_path / "raw", timeout_s=5)
-    assert sorted(sources) == sorted(fetch.FILES)
+    sources = fetch.fetch_idx(MNIST, [str(MNIST_MIRROR)], tmp_path / "raw", 5)
+    assert sorted(sources) == sorted(MNIST.checksums)

@@ -44,12 +44,7 @@ def test_the_committed_params_are_valid():
             1.5,
             "prepare.validation_split must be a number in [0, 1), got 1.5",
         ),
-        (
-            "prepare",
-            "train_size",
-            70000,
-            "prepare.train_size must be an integer >= 1 and <= 60000 or all, got 70000",
-        ),
+        ("prepare", "train_size", 0, "prepare.train_size must be an integer >= 1 or all, got 0"),
         (
             "train",
             "model",
@@ -68,19 +63,22 @@ def test_the_committed_params_are_valid():
             -1,
             "train.learning_rate must be a number > 0 or preset, got -1",
         ),
-        ("fetch", "mirrors", [], "fetch.mirrors must be a non-empty list of http(s) URLs, got []"),
+        ("fetch", "source", "", "fetch.source must be a non-empty string, got ''"),
         (
             "fetch",
-            "mirrors",
-            ["ftp://x/"],
-            "fetch.mirrors must be a non-empty list of http(s) URLs, got ['ftp://x/']",
+            "image_size",
+            [28, 0],
+            "fetch.image_size must be a list of 2 values, each an integer >= 1 and <= 1024, "
+            "got [28, 0]",
         ),
+        ("fetch", "channels", 2, "fetch.channels must be one of 1, 3, got 2"),
+        ("fetch", "test_split", 1, "fetch.test_split must be a number in (0, 1), got 1"),
         ("fetch", "timeout_s", 0, "fetch.timeout_s must be a number > 0, got 0"),
         (
             "prepare",
             "train_size",
             0.5,
-            "prepare.train_size must be an integer >= 1 and <= 60000 or all, got 0.5",
+            "prepare.train_size must be an integer >= 1 or all, got 0.5",
         ),
         (
             "evaluate",

@@ -66,7 +66,7 @@ def branches(reproduced, tmp_path_factory, worker_id):
 def test_repro_runs_every_stage_once_then_nothing(reproduced, repo):
     first = reproduced[1]
     assert ran_stages(first) == ["fetch", "prepare", "train", "evaluate", "export"]
-    assert "prepare: wrote data/prepared (train 400, val 100, test 500)" in first
+    assert "prepare: wrote data/prepared (mnist, 28x28x1, train 400, val 100, test 500)" in first
     again = sh(repo, "dvc", "repro")
     assert ran_stages(again) == []
     assert "Data and pipelines are up to date." in again
@@ -124,12 +124,14 @@ def test_changing_epochs_reruns_only_train_and_what_follows(branches):
     assert "Stage 'prepare' didn't change, skipping" in branches.output
 
 
-def test_where_mnist_comes_from_and_another_stages_schema_rerun_nothing_else(repo):
-    # Every file is accepted by its checksum, so mirrors and timeout cannot change data/raw.
+def test_where_mnist_comes_from_and_another_stages_schema_rerun_nothing_after(repo):
+    # Every file is accepted by its checksum: the timeout is no param, and another mirror
+    # in the dataset's description reruns fetch, whose output is the same, and nothing else.
     edit_params(repo / "params.yaml", fetch__timeout_s=5)
-    mirrors = (repo / "params.yaml").read_text().replace("storage.googleapis", "example")
-    (repo / "params.yaml").write_text(mirrors)
     assert "Data and pipelines are up to date." in sh(repo, "dvc", "status")
+    described = (repo / "data/mnist.yaml").read_text()
+    (repo / "data/mnist.yaml").write_text(described.replace("storage.googleapis", "example"))
+    assert ran_stages(sh(repo, "dvc", "repro")) == ["fetch"]
     # Each stage declares its own section's schema: a new export key reruns export only.
     code = (repo / "stages/export.py").read_text()
     declared = "    batch_size: int = Field(ge=1)"
@@ -146,7 +148,7 @@ def test_changing_validation_split_reruns_prepare_and_what_follows(repo):
     assert "prepare:" in sh(repo, "dvc", "status")
     output = sh(repo, "dvc", "repro")
     assert sorted(ran_stages(output)) == ["evaluate", "export", "prepare", "train"]
-    assert "prepare: wrote data/prepared (train 350, val 150, test 500)" in output
+    assert "prepare: wrote data/prepared (mnist, 28x28x1, train 350, val 150, test 500)" in output
     # Back to the committed state: git restores params and metrics, DVC the cached data.
     sh(repo, "git", "checkout", "--", ".")
     sh(repo, "dvc", "checkout")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from stages import models
 from stages.common import PipelineError
-from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT
+from tests.conftest import HAVE_MNIST, MNIST_INFO, MNIST_MIRROR, ROOT, export_onnx
 from tests.test_preprocess import png_bytes, png_header_only
 from tools import predict
 
@@ -56,9 +56,9 @@ def model_files(tmp_path_factory):
     """The template model as data/model/model.keras and data/export/model.onnx."""
     root = tmp_path_factory.mktemp("models")
     model = template_model()
-    models.save_model(model, root / "data/model/model.keras")
+    models.save_model(model, root / "data/model/model.keras", {"dataset": MNIST_INFO})
     (root / "data/export").mkdir(parents=True)
-    model.export(str(root / "data/export/model.onnx"), format="onnx", verbose=False)
+    export_onnx(model, root / "data/export/model.onnx")
     return root
 
 
@@ -154,9 +154,9 @@ def test_json_output_has_every_probability_and_every_error(model_files, tmp_path
     assert missing == {"file": "missing.png", "error": "missing.png: no such file"}
     # Softmax of logits (0, 8, 0, 0, 0, 0, 0, 1.6, 0, 0), worked out by hand.
     total = np.exp(8) + np.exp(1.6) + 8
-    assert one["file"] == "one.png" and one["digit"] == 1
+    assert one["file"] == "one.png" and one["class"] == "1"
     assert one["probability"] == pytest.approx(np.exp(8) / total, abs=1e-6)
-    assert one["runner_up"]["digit"] == 7
+    assert one["runner_up"]["class"] == "7"
     assert one["runner_up"]["probability"] == pytest.approx(np.exp(1.6) / total, abs=1e-6)
     assert one["probabilities"] == pytest.approx(
         [1 / total, np.exp(8) / total, *[1 / total] * 5, np.exp(1.6) / total, 1 / total, 1 / total],
@@ -247,12 +247,14 @@ def test_number_reads_a_row_left_to_right_with_each_digits_probability(model_fil
     result = cli("row.png", "one.png", "--number", "--model", onnx, cwd=tmp_path)
     assert (result.returncode, result.stderr.decode()) == (0, "")
     assert result.stdout.decode() == "row.png: 17 (1 p=0.996, 7 p=0.996)\none.png: 1 (1 p=0.996)\n"
-    document = json.loads(cli("row.png", "--number", "--json", "--model", onnx, cwd=tmp_path).stdout)
+    document = json.loads(
+        cli("row.png", "--number", "--json", "--model", onnx, cwd=tmp_path).stdout
+    )
     (row,) = document["results"]
     assert (row["file"], row["number"]) == ("row.png", "17")
     total = np.exp(8) + np.exp(1.6) + 8  # as for one bar alone
-    assert [d["digit"] for d in row["digits"]] == [1, 7]
-    assert [d["runner_up"]["digit"] for d in row["digits"]] == [7, 1]
+    assert [d["class"] for d in row["digits"]] == ["1", "7"]
+    assert [d["runner_up"]["class"] for d in row["digits"]] == ["7", "1"]
     for d in row["digits"]:
         assert d["probability"] == pytest.approx(np.exp(8) / total, abs=1e-6)
 

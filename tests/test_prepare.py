@@ -59,10 +59,30 @@ def test_scaling_adds_a_channel_and_maps_255_to_1():
     assert scaled.sum() == pytest.approx(1.2)
 
 
+def test_colour_images_keep_their_three_channels():
+    images = np.zeros((2, 5, 7, 3), dtype=np.uint8)
+    images[1, 4, 6] = (255, 0, 51)
+    scaled = prepare.scale_images(images)
+    assert scaled.shape == (2, 5, 7, 3)
+    assert scaled[1, 4, 6].tolist() == [1.0, 0.0, pytest.approx(0.2)]
+
+
 def test_images_of_the_wrong_shape_are_rejected():
     with pytest.raises(PipelineError) as error:
-        prepare.scale_images(np.zeros((4, 32, 32), dtype=np.uint8))
-    assert str(error.value) == "images must have shape (N, 28, 28), got (4, 32, 32)"
+        prepare.scale_images(np.zeros((4, 32, 32, 2), dtype=np.uint8))
+    assert str(error.value) == (
+        "images must have shape (N, height, width) or (N, height, width, 1 or 3), "
+        "got (4, 32, 32, 2)"
+    )
+
+
+def test_a_size_over_what_the_dataset_holds_is_one_line():
+    images, labels = np.zeros((30, 28, 28), np.uint8), np.zeros(30, np.uint8)
+    with pytest.raises(PipelineError) as error:
+        prepare.prepare(images, labels, images, labels, 31, 0.5)
+    assert str(error.value) == (
+        "prepare.train_size is 31 but the dataset has 30 training images; lower it or set it to all"
+    )
 
 
 def test_split_takes_the_last_fraction_unshuffled_like_keras():
@@ -102,7 +122,7 @@ def test_prepare_limits_train_size_before_splitting():
 def test_prepare_keeps_the_first_test_size_test_images():
     images = np.arange(30, dtype=np.uint8)[:, None, None] * np.ones((1, 28, 28), np.uint8)
     labels = np.arange(30, dtype=np.uint8) % 10
-    arrays = prepare.prepare(images, labels, images, labels, None, 0.5, test_size=7)
+    arrays = prepare.prepare(images, labels, images, labels, "all", 0.5, test_size=7)
     assert arrays["y_test"].tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert arrays["x_test"][:, 0, 0, 0].tolist() == [np.float32(i) / 255 for i in range(7)]
     assert (len(arrays["x_train"]), len(arrays["x_val"])) == (15, 15)  # train set untouched
@@ -112,9 +132,9 @@ def test_labels_out_of_range_are_rejected():
     images = np.zeros((2, 28, 28), dtype=np.uint8)
     with pytest.raises(PipelineError) as error:
         prepare.prepare(
-            images, np.array([1, 12], dtype=np.uint8), images, np.zeros(2, np.uint8), None, 0.5
+            images, np.array([1, 12], dtype=np.uint8), images, np.zeros(2, np.uint8), "all", 0.5
         )
-    assert str(error.value) == "train: label 12 out of range 0-9"
+    assert str(error.value) == "train: label 12 out of range 0-9 (10 classes in dataset.json)"
 
 
 def test_written_outputs_get_the_usual_permissions_not_mkdtemps(tmp_path):

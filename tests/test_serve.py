@@ -21,7 +21,15 @@ from stages.dataset import load_prepared
 from stages.export import float32_copy
 from stages.models import save_model
 from stages.train import train_model
-from tests.conftest import HAVE_MNIST, MNIST_MIRROR, ROOT, make_prepared, write_params
+from tests.conftest import (
+    HAVE_MNIST,
+    MNIST_INFO,
+    MNIST_MIRROR,
+    ROOT,
+    export_onnx,
+    make_prepared,
+    write_params,
+)
 from tools import preprocess, serve
 from tools.predict import load_predictor
 
@@ -60,7 +68,7 @@ def model_path(tmp_path_factory):
     )
     data = load_prepared(make_prepared(root / "prepared"), splits=("train", "val"))
     model = train_model(data, params.load(train.Params, root / "params.yaml"), verbose=0)
-    save_model(model, root / "model.keras")
+    save_model(model, root / "model.keras", {"dataset": MNIST_INFO})
     return root / "model.keras"
 
 
@@ -69,7 +77,7 @@ def onnx_path(model_path):
     """The same model exported as the export stage does: float32 ONNX (a server on it
     starts in about 2 s, without TensorFlow)."""
     path = model_path.with_suffix(".onnx")
-    float32_copy(models.load_model(model_path)).export(str(path), format="onnx", verbose=False)
+    export_onnx(float32_copy(models.load_model(model_path)), path)
     return path
 
 
@@ -89,11 +97,12 @@ def test_predict_returns_what_the_model_says_about_the_preprocessed_image(client
     elapsed_ms = 1000 * (time.perf_counter() - start)
     assert response.status_code == 200
     answer = response.json()
-    assert sorted(answer) == ["digit", "ms", "probabilities"]
+    assert sorted(answer) == ["class", "ms", "probabilities", "probability"]
     x = preprocess.to_mnist(preprocess.read_image(drawn_one(), "upload"))
     expected = np.asarray(predictor.predict(x[np.newaxis]))[0]
     assert answer["probabilities"] == pytest.approx(expected.tolist(), abs=1e-6)
-    assert answer["digit"] == int(expected.argmax())
+    assert answer["class"] == str(int(expected.argmax()))
+    assert answer["probability"] == pytest.approx(float(expected.max()), abs=1e-6)
     # The server's own time (decode, preprocess, predict) is part of the client's round trip.
     assert 0 < answer["ms"] <= elapsed_ms
 
@@ -133,6 +142,9 @@ def test_health_names_the_model(client, predictor):
         "model": predictor.source,
         "revision": "abc1234",
         "test_accuracy": 0.98765,
+        "dataset": "mnist",
+        "classes": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+        "preparation": "digits",
     }
 
 
@@ -211,7 +223,7 @@ def test_real_server_answers_over_http_and_never_buffers_a_huge_upload(onnx_path
     process, url = serve_load.start_server(onnx_path)
     try:
         answer = httpx.post(f"{url}/predict", content=drawn_one()).json()
-        assert answer["digit"] in range(10) and len(answer["probabilities"]) == 10
+        assert answer["class"] in MNIST_INFO["classes"] and len(answer["probabilities"]) == 10
         peak = serve_load.rss_mib(process.pid, "VmHWM")
         huge = 64 * 1024 * 1024
         declared = httpx.post(f"{url}/predict", content=bytes(huge))

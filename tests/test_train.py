@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from stages import models, train
-from tests.conftest import make_prepared, run_stage, write_params
+from tests.conftest import MNIST_INFO, make_prepared, run_stage, write_params
 
 
 def train_args(root):
@@ -57,7 +57,9 @@ def test_each_preset_learns_with_its_own_recipe_from_one_override(workdir, prese
     recipe = models.RECIPES[preset]
     make_prepared(workdir / "prepared", n_train=-(-40 // recipe.epochs) * recipe.batch_size)
     write_params(workdir / "params.yaml", train__model=preset)
-    assert yaml.safe_load((workdir / "params.yaml").read_text())["train"]["learning_rate"] == "preset"
+    assert (
+        yaml.safe_load((workdir / "params.yaml").read_text())["train"]["learning_rate"] == "preset"
+    )
     train.main(train_args(workdir))
     history = pd.read_csv(workdir / "live/plots/metrics/train/accuracy.tsv", sep="\t")
     assert history["step"].tolist() == list(range(1, recipe.epochs + 1))
@@ -70,7 +72,7 @@ def test_each_preset_learns_with_its_own_recipe_from_one_override(workdir, prese
     learned = history["accuracy"].iloc[-1] if preset == "best" else held_out
     assert learned >= 0.5, f"{preset} did not learn: held out {held_out}, {history}"
     # The .keras file says what the run resolved: the preset's recipe, the precision.
-    settings = models.training_settings(workdir / "model" / "model.keras")
+    settings = models.recorded(workdir / "model" / "model.keras", "training")
     assert (settings["epochs"], settings["batch_size"], settings["learning_rate"]) == (
         recipe.epochs,
         recipe.batch_size,
@@ -78,6 +80,7 @@ def test_each_preset_learns_with_its_own_recipe_from_one_override(workdir, prese
     )
     weighted = next(layer for layer in model.layers if layer.weights)
     assert settings["precision"] == weighted.dtype_policy.name
+    assert models.recorded(workdir / "model" / "model.keras", "dataset") == MNIST_INFO
     assert settings["precision"] == ("mixed_bfloat16" if train.cpu_has_bf16() else "float32")
 
 
@@ -259,7 +262,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(workdir):
     labels = np.load(workdir / "prepared" / "y_test.npy")
     assert metrics["accuracy"] == float(np.mean(probs.argmax(axis=1) == labels))
     # What the run resolved travels with the model, and evaluate reports its precision.
-    settings = models.training_settings(workdir / "model" / "model.keras")
+    settings = models.recorded(workdir / "model" / "model.keras", "training")
     assert (settings["replicas"], settings["devices"], settings["epochs"]) == (2, ["cpu"], 1)
     expected = "mixed_bfloat16" if train.cpu_has_bf16() else "float32"
     assert settings["precision"] == metrics["dtype_policy"] == expected
@@ -282,7 +285,7 @@ def test_jit_compile_auto_keeps_xla_off_on_a_tensorflow_cpu(workdir):
     write_params(workdir / "params.yaml")
     p = train.params.load(train.Params)
     assert p.jit_compile == "auto"
-    assert train.compile_model(train.with_recipe(p), steps_per_epoch=1).jit_compile is False
+    assert train.compile_model(train.with_recipe(p), 1, (28, 28, 1), 10).jit_compile is False
 
 
 def test_shared_object_ids_are_renumbered_in_order_of_appearance():

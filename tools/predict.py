@@ -1,14 +1,17 @@
-"""Predict: which digit is in each image, from anyone's PNG, JPEG, BMP, GIF or WebP files.
+"""Predict: which class each image is, from anyone's PNG, JPEG, BMP, GIF or WebP files.
 
     python -m tools.predict IMAGE... [--number] [--json] [--model PATH]   (`-`: stdin)
 
-Each image, a scan, a drawing or a photo of paper, is prepared as MNIST was
-(tools/preprocess.py), then classified by the exported ONNX model through onnxruntime when
-the export stage has written it (no TensorFlow import: fast start), else by the trained
-.keras model. Prints per file the digit, its probability and the runner-up; with --number,
-the digits of a row read left to right as one number, with each digit's probability. A
-bad file gets one `Error: FILE: reason` line on stderr and the others are still
-predicted; the exit code is 1 if any file failed.
+Each image is prepared as the model's training images were, as the model records it: for
+a digit dataset (MNIST) a scan, a drawing or a photo of paper is prepared as MNIST's
+digits were (tools/preprocess.py); for any other, it is resized and scaled exactly as
+fetch and prepare did to every training image (stages/images.py). It is then classified by
+the exported ONNX model through onnxruntime when the export stage has written it (no
+TensorFlow import: fast start), else by the trained .keras model. Prints per file the
+class name, its probability and the runner-up; with --number (digit datasets), the digits
+of a row read left to right as one number, with each digit's probability. A bad file gets
+one `Error: FILE: reason` line on stderr and the others are still predicted; the exit
+code is 1 if any file failed.
 """
 
 import argparse
@@ -18,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from stages import images
 from stages.common import PipelineError, run_cli
 from tools import preprocess
-from tools.inference import ONNX_FILE, REBUILD, onnx_runner, onnx_session
+from tools.inference import ONNX_FILE, REBUILD, onnx_dataset, onnx_runner, onnx_session
 from tools.paths import dvc_var
 
 
@@ -28,7 +32,10 @@ class OnnxPredictor:
     """The exported float32 graph, run by onnxruntime (tools/inference.py)."""
 
     def __init__(self, path):
-        self.predict = onnx_runner(onnx_session(path))  # (N, 28, 28, 1) -> (N, 10)
+        session = onnx_session(path)
+        self.predict = onnx_runner(session)  # (N, height, width, channels) -> (N, classes)
+        self.dataset = onnx_dataset(session, path)  # {"name", "classes", "preparation"}
+        self.input_shape = tuple(session.get_inputs()[0].shape[1:])
         self.source = f"onnx {path}"
 
 
@@ -39,10 +46,14 @@ class KerasPredictor:
         from stages import models  # imports Keras and its backend: only when needed
 
         self.model = models.load_model(path)
+        self.dataset = models.recorded(path, "dataset")
+        if not self.dataset:
+            raise PipelineError(f"{path} records no dataset (class names); {REBUILD}")
+        self.input_shape = tuple(self.model.input_shape[1:])
         self.source = f"keras {path}"
 
     def predict(self, x):
-        """float32 (N, 28, 28, 1) -> float32 probabilities (N, 10)."""
+        """float32 (N, height, width, channels) -> float32 probabilities (N, classes)."""
         return np.asarray(self.model.predict_on_batch(np.asarray(x, np.float32)), np.float32)
 
 
@@ -83,46 +94,70 @@ def label(name):
     return "<stdin>" if name == "-" else name
 
 
-def image_probabilities(run, data, name, number=False):
-    """Image bytes -> float32 probabilities (k, 10) through `run`, a function of float32
-    (N, 28, 28, 1) -> (N, 10): the one path from an upload to an answer, shared by this
-    command and the server. One digit (k = 1), or with `number` each digit of a row, left
-    to right. Raises BadImage or NoDigit naming `name`."""
+def is_digits(predictor):
+    """True when the model was trained on digits prepared as MNIST's (tools/preprocess.py)."""
+    return predictor.dataset["preparation"] == "digits"
+
+
+def model_input(predictor, data, name, number=False):
+    """Image bytes -> float32 (k, height, width, channels), prepared as the model's training
+    images were. Raises BadImage or NoDigit naming `name`."""
+    if not is_digits(predictor):
+        if number:
+            raise PipelineError(
+                f"--number reads rows of digits; this model was trained on "
+                f"{predictor.dataset['name']}, not digits"
+            )
+        try:
+            image = images.open_image(data)
+        except images.NotAnImage as e:
+            raise preprocess.BadImage(f"{name}: {e}") from None
+        height, width, channels = predictor.input_shape
+        return images.to_array(image, (height, width), channels)[np.newaxis] / np.float32(255)
     image = preprocess.read_image(data, name)
     try:
-        x = preprocess.row_to_mnist(image) if number else preprocess.to_mnist(image)[np.newaxis]
+        return preprocess.row_to_mnist(image) if number else preprocess.to_mnist(image)[np.newaxis]
     except preprocess.NoDigit as e:
         raise preprocess.NoDigit(f"{name}: {e}") from None
-    return np.asarray(run(x), dtype=np.float32)
 
 
-def describe(p):
-    """Probabilities (10,) -> {"digit", "probability", "runner_up", "probabilities"}."""
+def image_probabilities(predictor, data, name, number=False, run=None):
+    """Image bytes -> float32 probabilities (k, classes) through the predictor (or `run`, a
+    function of its input batch): the one path from an upload to an answer, shared by this
+    command and the server. One image (k = 1), or with `number` each digit of a row, left
+    to right. Raises BadImage or NoDigit naming `name`."""
+    x = model_input(predictor, data, name, number)
+    return np.asarray((run or predictor.predict)(x), dtype=np.float32)
+
+
+def describe(p, classes):
+    """Probabilities (classes,) -> {"class", "probability", "runner_up", "probabilities"}."""
     first, second = np.argsort(-p, kind="stable")[:2]
     return {
-        "digit": int(first),
+        "class": classes[first],
         "probability": float(p[first]),
-        "runner_up": {"digit": int(second), "probability": float(p[second])},
+        "runner_up": {"class": classes[second], "probability": float(p[second])},
         "probabilities": [round(float(v), 6) for v in p],
     }
 
 
-def describe_number(probs):
+def describe_number(probs, classes):
     """Probabilities (k, 10), left to right -> {"number", "digits": [describe(p), ...]}."""
-    digits = [describe(p) for p in probs]
-    return {"number": "".join(str(d["digit"]) for d in digits), "digits": digits}
+    digits = [describe(p, classes) for p in probs]
+    return {"number": "".join(d["class"] for d in digits), "digits": digits}
 
 
 def classify(predictor, names, stdin=None, number=False):
-    """One result per name, in order: {"file", "digit", "probability", "runner_up",
+    """One result per name, in order: {"file", "class", "probability", "runner_up",
     "probabilities"}, with `number` {"file", "number", "digits": [...]}, or {"file",
     "error"}."""
+    classes = predictor.dataset["classes"]
     results = []
     for name in names:
         try:
             data = read_input(name, stdin)
-            probs = image_probabilities(predictor.predict, data, label(name), number)
-            answer = describe_number(probs) if number else describe(probs[0])
+            probs = image_probabilities(predictor, data, label(name), number)
+            answer = describe_number(probs, classes) if number else describe(probs[0], classes)
             results.append({"file": label(name), **answer})
         except (preprocess.BadImage, preprocess.NoDigit) as e:
             results.append({"file": label(name), "error": str(e)})
@@ -131,11 +166,11 @@ def classify(predictor, names, stdin=None, number=False):
 
 def format_line(result):
     if "number" in result:
-        each = ", ".join(f"{d['digit']} p={d['probability']:.3f}" for d in result["digits"])
+        each = ", ".join(f"{d['class']} p={d['probability']:.3f}" for d in result["digits"])
         return f"{result['file']}: {result['number']} ({each})"
     return (
-        f"{result['file']}: {result['digit']} (p={result['probability']:.3f}), "
-        f"runner-up {result['runner_up']['digit']} (p={result['runner_up']['probability']:.3f})"
+        f"{result['file']}: {result['class']} (p={result['probability']:.3f}), "
+        f"runner-up {result['runner_up']['class']} (p={result['runner_up']['probability']:.3f})"
     )
 
 
@@ -145,13 +180,16 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--model", help="a .onnx or .keras file (default: the exported ONNX)")
     parser.add_argument(
-        "--number", action="store_true", help="read a row of separate digits, left to right"
+        "--number",
+        action="store_true",
+        help="read a row of separate digits, left to right (digit datasets)",
     )
     args = parser.parse_args(argv)
     predictor = load_predictor(args.model)
     results = classify(predictor, args.images, number=args.number)
     if args.json:
-        print(json.dumps({"model": predictor.source, "results": results}, indent=2))
+        document = {"model": predictor.source, "classes": predictor.dataset["classes"]}
+        print(json.dumps({**document, "results": results}, indent=2))
     for result in results:
         if "error" in result:
             print(f"Error: {result['error']}", file=sys.stderr)

@@ -1,16 +1,19 @@
-"""Draw-a-digit web page and JSON API over the trained model.
+"""Web page and JSON API over the trained model: draw a digit, or upload an image.
 
     python -m tools.serve [--host 127.0.0.1] [--port 8000] [--model PATH]
 
-GET  /         the page (tools/static/): draw on a canvas, see the ten probabilities live
+GET  /         the page (tools/static/): upload an image, or for a digit dataset draw one
+               on a canvas, and see every class's probability live
 POST /predict  an image as the raw body (PNG, JPEG, ... as `predict` takes) -> JSON
-               {"digit": 7, "probabilities": [10 floats], "ms": 3.1}
-POST /predict?number=1  a row of separate digits, read left to right -> JSON
-               {"number": "42", "digits": [{"digit": 4, "probability": 0.99,
-                "probabilities": [10 floats]}, ...], "ms": 4.0}
-GET  /health   {"status": "ok", "model": ..., "revision": ..., "test_accuracy": ...}
-Errors are JSON {"error": "..."}: 400 not an image, 413 body over 1 MiB, 422 no digit
-found (a readable image with nothing drawn on it). The model is loaded before the server
+               {"class": "7", "probability": 0.99, "probabilities": [one per class], "ms": 3.1}
+POST /predict?number=1  digit datasets: a row of separate digits, read left to right ->
+               {"number": "42", "digits": [{"class": "4", "probability": 0.99,
+                "probabilities": [...]}, ...], "ms": 4.0}
+GET  /health   {"status": "ok", "model": ..., "revision": ..., "test_accuracy": ...,
+                "dataset": ..., "classes": [...], "preparation": "digits" or "resize"}
+Errors are JSON {"error": "..."}: 400 not an image (or ?number=1 for a model that is not
+of digits), 413 body over 1 MiB, 422 no digit found (a readable image with nothing drawn
+on it). The model is loaded before the server
 listens (ONNX from data/export when present, else the .keras file); without one the
 command stops with `Error: ... run dvc repro` and exit code 1.
 """
@@ -31,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from stages.common import PipelineError, run_cli
 from tools import preprocess
 from tools.paths import dvc_var
-from tools.predict import image_probabilities, load_predictor
+from tools.predict import image_probabilities, is_digits, load_predictor
 
 MAX_BODY = 1024 * 1024  # bytes; a digit drawn on the page (280x280 canvas) is a 5-7 KiB PNG
 STATIC = Path(__file__).resolve().parent / "static"
@@ -66,11 +69,18 @@ def read_test_accuracy(dvc_yaml="dvc.yaml"):
         return None
 
 
-def render_page(source, revision, accuracy):
-    """index.html with the served model named in its footer."""
+def render_page(source, revision, accuracy, dataset):
+    """index.html with the served model named in its footer, and its dataset."""
     page = (STATIC / "index.html").read_text()
     shown = "unknown" if accuracy is None else f"{100 * accuracy:.2f}%"
-    for key, value in (("MODEL", source), ("REVISION", revision), ("ACCURACY", shown)):
+    values = {
+        "MODEL": source,
+        "REVISION": revision,
+        "ACCURACY": shown,
+        "DATASET": dataset["name"],
+        "DATASET_JSON": json.dumps(dataset),  # an attribute app.js reads: classes, drawing
+    }
+    for key, value in values.items():
         page = page.replace("{{" + key + "}}", html.escape(value))
     return page
 
@@ -96,8 +106,9 @@ def error(status, message):
 
 def create_app(predictor, revision="unknown", accuracy=None):
     """The FastAPI app serving `predictor` (an object with .predict and .source)."""
-    app = FastAPI(title="Draw a digit", docs_url=None, redoc_url=None, openapi_url=None)
-    page = render_page(predictor.source, revision, accuracy)
+    app = FastAPI(title="Classify an image", docs_url=None, redoc_url=None, openapi_url=None)
+    page = render_page(predictor.source, revision, accuracy, predictor.dataset)
+    classes = predictor.dataset["classes"]
     # One inference at a time: a Keras model is not documented as thread-safe, and on a
     # small CPU parallel runs of a batch of one gain nothing; decoding runs in parallel.
     lock = threading.Lock()
@@ -106,25 +117,21 @@ def create_app(predictor, revision="unknown", accuracy=None):
         with lock:
             return predictor.predict(x)
 
+    def answer(p):
+        return {
+            "class": classes[int(p.argmax())],
+            "probability": round(float(p.max()), 6),
+            "probabilities": [round(float(v), 6) for v in p],
+        }
+
     def classify(data, number):
         start = time.perf_counter()
-        probs = image_probabilities(run, data, "upload", number)
+        probs = image_probabilities(predictor, data, "upload", number, run=run)
         ms = round(1000 * (time.perf_counter() - start), 2)
         if number:
-            digits = [
-                {
-                    "digit": int(p.argmax()),
-                    "probability": round(float(p.max()), 6),
-                    "probabilities": [round(float(v), 6) for v in p],
-                }
-                for p in probs
-            ]
-            return {"number": "".join(str(d["digit"]) for d in digits), "digits": digits, "ms": ms}
-        return {
-            "digit": int(probs[0].argmax()),
-            "probabilities": [round(float(p), 6) for p in probs[0]],
-            "ms": ms,
-        }
+            digits = [answer(p) for p in probs]
+            return {"number": "".join(d["class"] for d in digits), "digits": digits, "ms": ms}
+        return {**answer(probs[0]), "ms": ms}
 
     @app.get("/", response_class=HTMLResponse)
     def index():
@@ -137,6 +144,9 @@ def create_app(predictor, revision="unknown", accuracy=None):
             "model": predictor.source,
             "revision": revision,
             "test_accuracy": accuracy,
+            "dataset": predictor.dataset["name"],
+            "classes": classes,
+            "preparation": predictor.dataset["preparation"],
         }
 
     @app.post("/predict")
@@ -145,6 +155,12 @@ def create_app(predictor, revision="unknown", accuracy=None):
             data = await read_body(request)
         except TooLarge:
             return error(413, f"image over the {MAX_BODY // 1024 // 1024} MiB limit")
+        if number and not is_digits(predictor):
+            return error(
+                400,
+                f"number=1 reads rows of digits; this model's dataset is "
+                f"{predictor.dataset['name']}",
+            )
         try:
             return await run_in_threadpool(classify, data, number)
         except preprocess.NoDigit:

@@ -1,19 +1,36 @@
-// Draw on the canvas (white on black, as MNIST); while drawing, POST the canvas as PNG
-// to /predict at most every THROTTLE_MS, one request at a time, and show the answer.
+// Upload an image, or for a digit dataset draw on the canvas (white on black, as MNIST):
+// while drawing, POST the canvas as PNG to /predict at most every THROTTLE_MS, one
+// request at a time, and show the answer: the class and each class's probability.
 "use strict";
 const THROTTLE_MS = 150;
+const dataset = JSON.parse(document.getElementById("app").dataset.dataset);
+const drawable = dataset.preparation === "digits";
 const canvas = document.getElementById("canvas");
 const ctx = canvas.getContext("2d");
+const preview = document.getElementById("preview");
 const digitEl = document.getElementById("digit");
 const statusEl = document.getElementById("status");
 const chart = document.getElementById("chart");
+const idle = drawable ? "draw a digit or upload an image" : "upload an image";
+
+document.getElementById("title").textContent = drawable ? "Draw a digit" : `Classify an image: ${dataset.name}`;
+document.getElementById("hint").textContent = drawable
+  ? "Draw one digit, 0 to 9, with the mouse, a pen or a finger, or upload a photo of one."
+  : `Upload an image of one of: ${dataset.classes.join(", ")}.`;
+canvas.hidden = !drawable;
+document.getElementById("clear").hidden = !drawable;
+preview.hidden = drawable;
+statusEl.textContent = idle;
 
 const cols = [];
-for (let d = 0; d < 10; d++) {
+chart.classList.toggle("many", dataset.classes.length > 12 || dataset.classes.some((c) => c.length > 2));
+for (const name of dataset.classes) {
   const col = document.createElement("div");
   col.className = "col";
   col.innerHTML = '<span class="pct"></span><div class="track"><div class="fill"></div></div>' +
-    `<span class="label">${d}</span>`;
+    '<span class="label"></span>';
+  col.querySelector(".label").textContent = name; // a folder's name: text, never markup
+  col.title = name;
   chart.appendChild(col);
   cols.push(col);
 }
@@ -47,34 +64,49 @@ function schedule() {
   send();
 }
 
+async function predict(blob, sentFor) {
+  try {
+    const response = await fetch("/predict", {
+      method: "POST", headers: { "Content-Type": blob.type || "application/octet-stream" }, body: blob,
+    });
+    const answer = await response.json();
+    if (sentFor !== generation) return; // cleared meanwhile
+    if (response.ok) {
+      digitEl.textContent = answer.class;
+      digitEl.classList.toggle("word", answer.class.length > 2);
+      statusEl.textContent = `${(100 * answer.probability).toFixed(1)}% sure, ${answer.ms.toFixed(1)} ms`;
+      showProbabilities(answer.probabilities);
+    } else {
+      digitEl.textContent = "–";
+      statusEl.textContent = answer.error;
+      showProbabilities(null);
+    }
+  } catch (e) {
+    statusEl.textContent = "server not reachable";
+  }
+}
+
 function send() {
   inFlight = true; pending = false; lastSent = performance.now();
   const sentFor = generation;
   canvas.toBlob(async (blob) => {
-    try {
-      const response = await fetch("/predict", {
-        method: "POST", headers: { "Content-Type": "image/png" }, body: blob,
-      });
-      const answer = await response.json();
-      if (sentFor !== generation) return; // cleared meanwhile
-      if (response.ok) {
-        digitEl.textContent = answer.digit;
-        const p = answer.probabilities[answer.digit];
-        statusEl.textContent = `${(100 * p).toFixed(1)}% sure, ${answer.ms.toFixed(1)} ms`;
-        showProbabilities(answer.probabilities);
-      } else {
-        digitEl.textContent = "–";
-        statusEl.textContent = answer.error;
-        showProbabilities(null);
-      }
-    } catch (e) {
-      statusEl.textContent = "server not reachable";
-    } finally {
-      inFlight = false;
-      if (pending) schedule();
-    }
+    await predict(blob, sentFor);
+    inFlight = false;
+    if (pending) schedule();
   }, "image/png");
 }
+
+document.getElementById("upload").addEventListener("change", (event) => {
+  const file = event.target.files[0];
+  if (!file) return;
+  generation++; pending = false;
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  canvas.hidden = true;
+  predict(file, generation);
+  event.target.value = ""; // the same file again is a new upload
+});
 
 function point(event) {
   const rect = canvas.getBoundingClientRect();
@@ -105,8 +137,10 @@ for (const type of ["pointerup", "pointercancel"]) {
 document.getElementById("clear").addEventListener("click", () => {
   generation++; pending = false;
   clearCanvas();
+  canvas.hidden = false;
+  preview.hidden = true;
   digitEl.textContent = "–";
-  statusEl.textContent = "draw a digit";
+  statusEl.textContent = idle;
   showProbabilities(null);
 });
 
