@@ -27,7 +27,7 @@ def find_mnist():
         return SHARED_MIRROR, None
     cache = USER_CACHE / "mnist"
     if not cache.is_dir() and not os.environ.get("REQUIRE_MNIST_MIRROR"):
-        from stages import fetch, params
+        from stages import fetch
         from stages.common import PipelineError
 
         try:
@@ -101,6 +101,8 @@ def edit_params(path, **overrides):
         comment = old[old.index("#") :] if "#" in old else "\n"
         text = yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
         lines[i] = f"  {name}: {text}".ljust(len(old) - len(comment)) + comment
+        while i + 1 < len(lines) and lines[i + 1].startswith("  - "):  # a block list's items
+            del lines[i + 1]
     Path(path).write_text("".join(lines))
 
 

@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from bench import predict_real_world as real_world
-from stages import prepare
-from tests.conftest import HAVE_MNIST, MNIST_MIRROR
+from tests.conftest import HAVE_MNIST, mnist_arrays
 from tools import preprocess
 
 
@@ -259,8 +258,7 @@ def test_a_row_gives_one_frame_per_digit_left_to_right():
 def test_each_photo_condition_gives_back_the_mnist_digits(condition):
     """12 test digits photographed under `condition` (the benchmark's renderer): the prepared
     frames match the original 28x28 digits pixel for pixel (correlation), as a model needs."""
-    images_file = MNIST_MIRROR / prepare.SOURCES["test"][0]
-    digits = prepare.read_idx(images_file, 3)[:12]
+    digits = mnist_arrays()[2][:12]
     rng = np.random.default_rng(7)
     row = condition == real_world.ROW
     effects = real_world.ROW_EFFECTS if row else real_world.PAPER[condition]
