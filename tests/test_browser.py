@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from bench import serve_load
 from stages import params, prepare, train
@@ -144,8 +145,19 @@ def test_the_page_reads_a_drawn_1_and_7(server, project, page, tmp_path):
     page.screenshot(path=tmp_path / "seven.png")
     assert (tmp_path / "seven.png").stat().st_size > 10_000
 
+    # An upload: MNIST's third test image (a 1), scanned black on white, in place of the canvas.
+    _, _, images, labels = mnist_arrays()
+    assert labels[2] == 1
+    Image.fromarray(255 - images[2]).resize((112, 112)).save(tmp_path / "scan.png")
+    page.set_input_files("#upload", tmp_path / "scan.png")
+    shows(page, "1")
+    assert page.locator("#preview").is_visible() and not page.locator("#canvas").is_visible()
+    page.click("#clear")
+    assert page.locator("#canvas").is_visible() and not page.locator("#preview").is_visible()
+
     # Works offline: everything the page loaded came from the server itself.
-    assert requested and all(url.startswith(server) for url in requested)
+    # (The upload's preview is a blob: URL of the page's own origin.)
+    assert requested and all(url.removeprefix("blob:").startswith(server) for url in requested)
     keep = os.environ.get("DRAW_A_DIGIT_SCREENSHOT")
     if keep:
         shutil.copy(tmp_path / "seven.png", ROOT / keep)
