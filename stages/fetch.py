@@ -244,15 +244,15 @@ def class_folders(root):
 def read_images(paths, size, channels):
     """Decodes every image of `paths` -> uint8 (N, height, width, channels); one line
     naming the file for anything that is not an image or has the wrong channel count."""
-    decoded = []
+    arrays, kinds = [], {}  # kinds: channel count -> its first file by name
     for path in paths:
         try:
-            decoded.append((path, images.open_image(path)))
+            image = images.open_image(path)
         except images.NotAnImage as e:
             raise PipelineError(f"{path}: {e}; remove it or replace it by an image") from None
-    kinds = {}
-    for path, image in sorted(decoded, key=lambda pair: str(pair[0])):
-        kinds.setdefault(images.channels_of(image), path)
+        kind = images.channels_of(image)
+        kinds[kind] = min(kinds.get(kind, path), path, key=str)
+        arrays.append(images.to_array(image, size, channels))  # only the small array is kept
     if len(kinds) > 1:
         raise PipelineError(
             f"images of mixed channel counts: {kinds[1]} is grey, {kinds[3]} colour; "
@@ -265,7 +265,7 @@ def read_images(paths, size, channels):
             f"{example} and the others are {word[found]} ({found} channel"
             f"{'s' * (found > 1)}) but fetch.channels is {channels}; set fetch.channels: {found}"
         )
-    return np.stack([images.to_array(image, size, channels) for _, image in decoded])
+    return np.stack(arrays)
 
 
 def labelled(folders, classes):
