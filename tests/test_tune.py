@@ -213,11 +213,12 @@ def test_a_pruned_trial_leaves_no_experiment_and_a_rerun_resumes_the_study(repro
     repo = copy_reproduced(reproduced, tmp_path / "p")
     out = tmp_path / "out"
     url = f"sqlite:///{out / 'tiny.db'}"
-    # No run of 400 tiny images reaches 99%: the first epoch prunes the trial.
+    # No run of 400 tiny images reaches 99%: the first epoch prunes the trial, whose other
+    # epochs (many, so that it is still running then) never run.
     pruning = {"kind": "threshold", "lower": 0.99}
     before = exp_run_entries(repo)
     space = space_file(tmp_path / "s.yaml", pruner=pruning, budget={"trials": 1, "minutes": None},
-                       space={**TINY["space"], "train.epochs": {"low": 3, "high": 4}})  # fmt: skip
+                       space={**TINY["space"], "train.epochs": {"low": 100, "high": 200}})  # fmt: skip
     sh(repo, *tune_cmd(space, out))
     (pruned,) = load(url).trials
     assert pruned.state == optuna.trial.TrialState.PRUNED
@@ -279,7 +280,8 @@ def start_tune(repo, space, out, *flags):
 
 
 def wait_for_train(out, name, timeout=120):
-    """Waits until the trial's log shows the train stage fitting."""
+    """Waits until the trial's log shows the train stage fitting (tune runs the stages
+    unbuffered, so the line is there as Keras prints it)."""
     log = Path(out) / "logs" / f"{name}.log"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -294,7 +296,7 @@ def wait_for_train(out, name, timeout=120):
 def test_ctrl_c_stops_the_trial_and_leaves_no_half_made_experiment(reproduced, tmp_path):
     repo = copy_reproduced(reproduced, tmp_path / "p")
     out = tmp_path / "out"
-    space = space_file(tmp_path / "s.yaml", space={**TINY["space"], "train.epochs": {"low": 20, "high": 30}})
+    space = space_file(tmp_path / "s.yaml", space={**TINY["space"], "train.epochs": {"low": 100, "high": 200}})
     before = exp_run_entries(repo)
     proc = start_tune(repo, space, out)
     wait_for_train(out, "tiny-0")

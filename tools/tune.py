@@ -265,15 +265,17 @@ EXPS_TMP = Path(".dvc/tmp/exps")
 
 
 def dvc_run_state():
-    """What `dvc exp run` keeps while it runs: refs/exps/exec/* and the entries of
-    .dvc/tmp/exps/{run,cache}. Normal runs leave them updated; a stopped one half-made."""
-    refs = git_bytes("for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/exec")
+    """What `dvc exp run` writes: refs/exps/* (its exec refs while it runs, the
+    experiment's own ref when it finishes) and the entries of .dvc/tmp/exps/{run,cache}.
+    A run stopped midway leaves them half-made; one stopped as it finished, its ref."""
+    refs = git_bytes("for-each-ref", "--format=%(refname) %(objectname)", "refs/exps")
     entries = {p for sub in ("run", "cache") for p in (EXPS_TMP / sub).glob("*")}
     return dict(line.split() for line in refs.decode().splitlines()), entries
 
 
 def undo_dvc_run(before):
-    """Puts DVC's experiment bookkeeping back as it was before a stopped run."""
+    """Puts DVC's experiment bookkeeping back as it was before a stopped run: a pruned or
+    interrupted trial leaves no experiment, even one DVC saved as the stop arrived."""
     refs, entries = before
     now_refs, now_entries = dvc_run_state()
     for ref, sha in now_refs.items():
@@ -399,9 +401,15 @@ class Runner:
         before, bookkeeping = snapshot(), dvc_run_state()
         started = time.time()
         with log.open("w") as out:
+            # Its own session: a terminal's Ctrl-C reaches only us, and we stop it cleanly.
+            # Unbuffered: the stages' lines reach the log as they are printed.
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )  # its own session: a terminal's Ctrl-C reaches only us, and we stop it cleanly
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
             try:
                 code = watch(proc, trial, self.history, started)
             except BaseException:  # pruned, Ctrl-C, a lost database: never leave it running
