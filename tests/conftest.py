@@ -148,6 +148,19 @@ def make_prepared(out_dir, n_train=96, n_val=32, n_test=64, seed=0):
     return out_dir
 
 
+# Test-only packages that TensorFlow or Keras would import at every start-up if they were
+# importable (jax, scikit-learn): `make setup` installs them apart (requirements-extras.in).
+EXTRAS = Path(sys.prefix) / "extras"
+
+
+def extras(*packages):
+    """EXTRAS, for sys.path or PYTHONPATH, when it holds `packages`; else the test skips."""
+    missing = [p for p in packages if not (EXTRAS / p).is_dir()]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not in {EXTRAS} (make setup installs it)")
+    return str(EXTRAS)
+
+
 def run_stage(module, *args, env=None, cwd=None, check=True):
     """Runs `python -m stages.<module> args` as DVC would; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}

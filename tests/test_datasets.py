@@ -19,6 +19,7 @@ from tests.conftest import (
     commit,
     copy_project,
     edit_params,
+    extras,
     git_identity,
     mnist_arrays,
     run_stage,
@@ -85,7 +86,8 @@ def test_mnist_as_a_folder_of_pngs_gives_the_idx_path_s_arrays(workdir):
     }
 
 
-def test_scikit_learn_digits_as_a_folder_split_by_class(workdir):
+def test_scikit_learn_digits_as_a_folder_split_by_class(workdir, monkeypatch):
+    monkeypatch.syspath_prepend(extras("sklearn"))
     from sklearn.datasets import load_digits
 
     digits = load_digits()  # 1,797 images, 8x8, values 0-16

@@ -1,6 +1,7 @@
 """The train stage on tiny synthetic data: presets, resume, determinism, devices, backends."""
 
 import json
+import os
 import shutil
 import time
 
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from stages import models, train
-from tests.conftest import MNIST_INFO, make_prepared, run_stage, write_params
+from tests.conftest import MNIST_INFO, ROOT, extras, make_prepared, run_stage, write_params
 
 
 def train_args(root):
@@ -270,10 +271,10 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(workdir):
 
 @pytest.mark.slow
 def test_train_stage_runs_on_the_jax_backend(workdir):
-    pytest.importorskip("jax")
+    env = {"KERAS_BACKEND": "jax", "PYTHONPATH": os.pathsep.join([str(ROOT), extras("jax")])}
     make_prepared(workdir / "prepared")
     write_params(workdir / "params.yaml", train__epochs=1, train__batch_size=32)
-    result = run_stage("train", *train_args(workdir), env={"KERAS_BACKEND": "jax"}, cwd=workdir)
+    result = run_stage("train", *train_args(workdir), env=env, cwd=workdir)
     assert "backend jax" in result.stdout
     assert (workdir / "model" / "model.keras").exists()
     assert logged_epochs(workdir / "live") == [1]
