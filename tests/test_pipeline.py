@@ -227,7 +227,7 @@ def test_report_against_a_base_without_metrics_fails_clearly(branches):
 
 
 def test_exp_run_changes_one_line_of_params_and_is_listed(repo):
-    sh(repo, "dvc", "exp", "run", "-n", "lr-half", "-S", "train.learning_rate=0.005")
+    sh(repo, "dvc", "exp", "run", "-n", "lr-half", "-S", "train.learning_rate=0.005", "evaluate")
     diff = sh(repo, "git", "diff", "-U0", "params.yaml").splitlines()
     changed = [line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---")]
     assert changed == [
