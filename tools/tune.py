@@ -246,8 +246,13 @@ def snapshot():
 
 def restore(saved, scratch):
     """Puts the git-tracked files back as in `saved` (a snapshot; HEAD's for the others),
-    removes `scratch` (train's resume directory) and checks DVC's outputs out to match."""
-    for name in set(snapshot()) | set(saved):
+    unstaged (a `dvc exp run` killed midway leaves its changes in git's index), removes
+    `scratch` (train's resume directory) and checks DVC's outputs out to match."""
+    names = set(snapshot()) | set(saved)
+    staged = git_bytes("diff", "--cached", "--name-only", "-z").decode().split("\0")
+    if any(staged):
+        git_bytes("reset", "-q", "--", *filter(None, staged))
+    for name in names:
         content = saved[name] if name in saved else git_bytes("show", f"HEAD:{name}")
         path = Path(name)
         if content is None:
@@ -727,6 +732,9 @@ def main(argv=None):
     parser.add_argument("--worker", type=int, default=1, help="this worker's number, 1..N")
     parser.add_argument("--push", metavar="REMOTE", help="dvc exp push each trial to this git remote")
     args = parser.parse_args(argv)
+    # Ctrl-C or `kill -INT` stops the search cleanly, also when it was started from a
+    # script's background job, which inherits SIGINT ignored (so would every trial's DVC).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.worker < 1:
         raise PipelineError(f"--worker must be >= 1, got {args.worker}")
     search = load_search(args.space)
