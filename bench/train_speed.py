@@ -107,8 +107,8 @@ def compile_with(models, steps_per_execution):
     the train stage's own compile_model and train_model run unchanged around it."""
     build = models.build
 
-    def build_for_bench(name):
-        model = build(name)
+    def build_for_bench(*args, **kwargs):
+        model = build(*args, **kwargs)
         compile_model = model.compile
         model.compile = lambda **kw: compile_model(**kw, steps_per_execution=steps_per_execution)
         return model

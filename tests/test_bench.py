@@ -116,7 +116,7 @@ def test_variants_without_the_tutorial_are_refused(capsys):
 def test_each_variant_trains_with_its_own_settings_in_its_own_process(tmp_path):
     out = tmp_path / "variants.json"
     result = run_bench(
-        "train_speed", "--smoke", "--variants", "plain", "no_validation", "--out", out
+        "train_speed", "--smoke", "--variants", "plain", "no_validation", "spe_8", "--out", out
     )
     first = {name: runs[0] for name, runs in json.loads(out.read_text())["runs"].items()}
     # smoke: prepare.train_size 320; params.yaml holds out the last 20% to validate
@@ -132,9 +132,10 @@ def test_each_variant_trains_with_its_own_settings_in_its_own_process(tmp_path):
     macs = 26 * 26 * 64 * 9 + 24 * 24 * 128 * 9 * 64 + 9216 * 128 + 128 * 10
     assert first["plain"]["flop_per_image"] == pytest.approx(3 * 2 * macs, rel=0.05)
     rows = [line.strip() for line in result.stdout.splitlines() if line.startswith("  ")]
-    assert len(rows) == 2  # one row each, in the order asked for
+    assert len(rows) == 3  # one row each, in the order asked for
     assert rows[0].startswith("plain Keras tutorial (R-interface example CNN): float32 ")
     assert rows[1].startswith("... without the validation pass ")
+    assert rows[2].startswith("... steps_per_execution 8 ")
 
 
 # --- time_to_accuracy --------------------------------------------------------------------
