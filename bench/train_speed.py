@@ -47,7 +47,7 @@ VARIANTS = {  # name -> (what, its process's environment, params.yaml overrides 
     ),
     "spe_8": ("  ... steps_per_execution 8", {}, {"bench.steps_per_execution": 8}),
     "spe_32": ("  ... steps_per_execution 32", {}, {"bench.steps_per_execution": 32}),
-    # KERAS_BACKEND=jax needs jax importable (not in requirements): PYTHONPATH, say
+    # KERAS_BACKEND=jax needs jax: PYTHONPATH=.venv/extras (make setup installs it there)
     "jax": ("  ... Keras' JAX backend (float32)", {"KERAS_BACKEND": "jax"}, {}),
     "jax_bf16": (
         "  ... Keras' JAX backend, mixed_bfloat16",
