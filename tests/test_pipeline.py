@@ -240,9 +240,9 @@ def test_exp_run_changes_one_line_of_params_and_is_listed(repo):
 
 
 def test_queued_experiments_run_with_their_own_overrides(repo, tmp_path):
-    # Up to evaluate, whose metrics `dvc exp show` lists: export would add 10 s to each.
-    sh(repo, "dvc", "exp", "run", "--queue", "-n", "seed-7", "-S", "train.seed=7", "evaluate")
-    sh(repo, "dvc", "exp", "run", "--queue", "-n", "seed-8", "-S", "train.seed=8", "evaluate")
+    # Up to train, which reads the overrides (evaluate would add 5 s to each).
+    sh(repo, "dvc", "exp", "run", "--queue", "-n", "seed-7", "-S", "train.seed=7", "train")
+    sh(repo, "dvc", "exp", "run", "--queue", "-n", "seed-8", "-S", "train.seed=8", "train")
     # --run-all starts a queue worker in the background that inherits its stdout; a race in
     # dvc-task (a half-written message file) can keep that worker alive, idle, after the
     # queue is done. So: output to a file, not to a pipe that stays open, then stop it.

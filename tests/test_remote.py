@@ -303,10 +303,12 @@ def test_server_killed_mid_push_leaves_no_partial_object_then_a_retry_completes(
     # 4 MB/s: the model (about 28 MB) takes seconds, so the kill lands mid-upload.
     proc, endpoint = start_s3(store, "--bwlimit", "4M")
     add_remote(a, "flaky", f"s3://{BUCKET}/flaky", endpoint)
+    # One attempt per request (botocore's AWS_MAX_ATTEMPTS): else it retries the dead server
+    # for 15-20 s before DVC reports it, the same error.
     push = subprocess.Popen(
         ["dvc", "push", "-r", "flaky"],
         cwd=a,
-        env=user_env(),
+        env=user_env({"AWS_MAX_ATTEMPTS": "1"}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -352,10 +354,10 @@ def test_failed_pull_writes_nothing_in_the_workspace_then_a_retry_completes(
     sh(b, "dvc", "remote", "modify", "--local", "storage", "endpointurl", slow)
     cache = b / ".dvc" / "cache"
     downloading = lambda: any(p.suffix == ".tmp" for p in cache.rglob("*"))  # noqa: E731
-    pull = subprocess.Popen(
+    pull = subprocess.Popen(  # one attempt per request, as the push above
         ["dvc", "pull"],
         cwd=b,
-        env=user_env(),
+        env=user_env({"AWS_MAX_ATTEMPTS": "1"}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
