@@ -24,8 +24,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from stages import params
+from stages import allocator, params
 from stages.common import PipelineError, run_cli
+
+allocator.preload(__name__)  # before any allocation worth speeding up
 
 
 class Params(params.Section):
@@ -187,7 +189,10 @@ def train_model(data, p, callbacks=(), verbose="auto", num_classes=10):
     (CI logs, `dvc exp run --queue`, a file)."""
     p = with_recipe(p)
     gpus = list_gpus()
-    print(f"train: backend {keras.backend.backend()}, GPUs: {gpus or 'none, using the CPU'}")
+    print(
+        f"train: backend {keras.backend.backend()}, GPUs: {gpus or 'none, using the CPU'},"
+        f" allocator {allocator.in_use()}"
+    )
     seed_everything(p.seed, p.deterministic)
     policy = resolve_precision(p.mixed_precision, gpus, cpu_has_bf16())
     keras.mixed_precision.set_dtype_policy(policy)
