@@ -74,10 +74,9 @@ def test_tcmalloc_asked_for_but_missing_is_one_line_and_auto_goes_on(monkeypatch
 def test_the_train_stage_trains_the_same_bytes_on_either_allocator(reproduced, tmp_path):
     assert "using the CPU, allocator tcmalloc" in reproduced[1]  # dvc repro's train
     repo = copy_reproduced(reproduced, tmp_path / "repo")
+    args = f"--data data/prepared --model {tmp_path}/system.keras --live {tmp_path}/live"
     out = subprocess.run(
-        [sys.executable, "-m", "stages.train", "--data", "data/prepared", "--model",
-         str(tmp_path / "system.keras"), "--live", str(tmp_path / "live"),
-         "--checkpoint", str(tmp_path / "checkpoint")],
+        [sys.executable, "-m", "stages.train", *args.split(), "--checkpoint", tmp_path / "ck"],
         cwd=repo,
         env=user_env({allocator.CHOICE: "system"}),
         capture_output=True,
