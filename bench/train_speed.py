@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from bench.common import TUTORIAL, TUTORIAL_PARAMS, load_data, load_params
+from stages.allocator import LIBRARY as TCMALLOC
 from stages.common import write_json
 
 FULL = {"train_size": 16_000, "rounds": 3, "batch_sizes": [32, 512, 1024]}
@@ -37,7 +38,7 @@ VARIANTS = {  # name -> (what, its process's environment, params.yaml overrides 
     "xla": ("  ... compiled by XLA", {}, {"train.jit_compile": True}),
     "no_validation": ("  ... without the validation pass", {}, {"prepare.validation_split": 0.0}),
     "nondeterministic": ("  ... without deterministic ops", {}, {"train.deterministic": False}),
-    "tcmalloc": ("  ... tcmalloc preloaded", {"LD_PRELOAD": f"{LIBS}/libtcmalloc_minimal.so.4"}, {}),
+    "tcmalloc": ("  ... tcmalloc preloaded", {"LD_PRELOAD": f"{LIBS}/{TCMALLOC}"}, {}),
     "jemalloc": ("  ... jemalloc preloaded", {"LD_PRELOAD": f"{LIBS}/libjemalloc.so.2"}, {}),
     "one_interop": ("  ... with 1 inter-op thread", {"TF_NUM_INTEROP_THREADS": "1"}, {}),
     "onednn_system_alloc": (
@@ -57,7 +58,7 @@ VARIANTS = {  # name -> (what, its process's environment, params.yaml overrides 
     "fast": ("fast preset, its batch 512", {}, {"train.model": "fast", "train.batch_size": 512}),
     "fast_tcmalloc": (
         "  ... tcmalloc preloaded",
-        {"LD_PRELOAD": f"{LIBS}/libtcmalloc_minimal.so.4"},
+        {"LD_PRELOAD": f"{LIBS}/{TCMALLOC}"},
         {"train.model": "fast", "train.batch_size": 512},
     ),
     "fast_spe_8": (
