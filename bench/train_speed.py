@@ -98,7 +98,7 @@ def measure(name, train_size, batch_sizes):
         "precision": keras.config.dtype_policy().name,
         "train_images": len(data["x_train"]),
         "val_images": len(data["x_val"]),
-        "epoch_s": [end - begin for begin, end in zip(stamps[::2], stamps[1::2])],
+        "epoch_s": [end - begin for begin, end in zip(stamps[::2], stamps[1::2], strict=True)],
         "flop_per_image": training_flop_per_image(models.build(p.model)) if tf_backend else None,
     }
 

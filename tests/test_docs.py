@@ -70,8 +70,8 @@ def python_m_commands(text):
     flags end at a comment or the next command of a shell line."""
     found = []
     for code in code_of(text):
-        for module, args in PYTHON_M.findall(code):
-            args = re.split(r"\s#|&&|\|\||;|\|", args.replace("\\\n", " "))[0]
+        for module, rest in PYTHON_M.findall(code):
+            args = re.split(r"\s#|&&|\|\||;|\|", rest.replace("\\\n", " "))[0]
             found.append((module, re.findall(r"(?<![\w-])(--[\w][\w-]*)", args)))
     return found
 
@@ -126,8 +126,14 @@ def module_file(name):
 def parser_options(modules, tmp_path):
     out = tmp_path / "options.json"
     env = {"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": str(Path(sys.executable).parent)}
-    subprocess.run([sys.executable, "-c", CAPTURE, str(out), *modules], cwd=ROOT, env=env,
-                   capture_output=True, check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", CAPTURE, str(out), *modules],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        check=True,
+        timeout=300,
+    )
     return json.loads(out.read_text())
 
 
@@ -149,6 +155,7 @@ def makefile_targets():
 
 # --- links, commands, flags, targets, scripts, params ------------------------------------
 
+
 def test_every_relative_link_and_image_resolves():
     broken = [b for doc in DOCS for b in broken_links(doc)]
     assert not broken, "broken links:\n" + "\n".join(broken)
@@ -157,16 +164,23 @@ def test_every_relative_link_and_image_resolves():
 def test_a_missing_file_or_heading_is_a_broken_link(tmp_path):
     (tmp_path / "there.md").write_text("# Set one up\n")
     doc = tmp_path / "doc.md"
-    doc.write_text("[a](there.md) [b](there.md#set-one-up) ![c](gone.png) [d](there.md#nope) "
-                   "[e](https://example.com/x) [f](#top)\n```\n[g](in-code.md)\n```\n# Top\n")
-    assert broken_links(doc) == ["doc.md: gone.png (no such file)", "doc.md: there.md#nope (no such heading)"]
+    doc.write_text(
+        "[a](there.md) [b](there.md#set-one-up) ![c](gone.png) [d](there.md#nope) "
+        "[e](https://example.com/x) [f](#top)\n```\n[g](in-code.md)\n```\n# Top\n"
+    )
+    assert broken_links(doc) == [
+        "doc.md: gone.png (no such file)",
+        "doc.md: there.md#nope (no such heading)",
+    ]
 
 
 def test_the_commands_are_read_from_code_with_their_flags():
-    text = ("`python -m tools.predict *.png --json`  # one\n"
-            "```bash\npython -m bench.x --run a 1 \\\n  --run b 2 --out d   # --not-this\n"
-            "KERAS_BACKEND=jax python3 -m stages.train --data x && dvc exp run --queue\n```\n"
-            "prose python -m not.code --nope\n")
+    text = (
+        "`python -m tools.predict *.png --json`  # one\n"
+        "```bash\npython -m bench.x --run a 1 \\\n  --run b 2 --out d   # --not-this\n"
+        "KERAS_BACKEND=jax python3 -m stages.train --data x && dvc exp run --queue\n```\n"
+        "prose python -m not.code --nope\n"
+    )
     assert python_m_commands(text) == [
         ("bench.x", ["--run", "--run", "--out"]),
         ("stages.train", ["--data"]),
@@ -218,13 +232,19 @@ def test_every_params_key_named_exists():
 
 
 def test_params_keys_are_told_from_files_and_functions():
-    text = ("`train.epochs` stages/train.py `train.py` train.train_model(x) "
-            "`-S prepare.test_size=5` docs/export.md `python -m stages.export` train.nope.")
+    text = (
+        "`train.epochs` stages/train.py `train.py` train.train_model(x) "
+        "`-S prepare.test_size=5` docs/export.md `python -m stages.export` train.nope."
+    )
     assert mentioned_params(text, ["export", "prepare", "train"]) == {
-        "train.epochs", "prepare.test_size", "train.nope"}
+        "train.epochs",
+        "prepare.test_size",
+        "train.nope",
+    }
 
 
 # --- the committed baseline's figures ------------------------------------------------------
+
 
 def export_headline():
     """(classes that differ, max |Δp| vs float32 Keras, images compared) of the committed
@@ -272,8 +292,15 @@ def test_the_readme_states_the_committed_baseline():
     check_baseline_figures(README.read_text())
 
 
-@pytest.mark.parametrize("old, new", [("90 errors", "91 errors"), ("| 0.0336 |", "| 0.0337 |"),
-                                      ("2.4e-6", "2.5e-6"), ("**99.10%**", "**99.12%**")])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("90 errors", "91 errors"),
+        ("| 0.0336 |", "| 0.0337 |"),
+        ("2.4e-6", "2.5e-6"),
+        ("**99.10%**", "**99.12%**"),
+    ],
+)
 def test_a_wrong_baseline_figure_fails(old, new):
     text = README.read_text()
     assert old in text
@@ -283,28 +310,36 @@ def test_a_wrong_baseline_figure_fails(old, new):
 
 # --- regenerated samples ------------------------------------------------------------------
 
+
 def test_every_sample_block_names_a_sample_and_holds_real_output():
     for doc in DOCS:
         text = doc.read_text()
         for match in docs_samples.BLOCK.finditer(text):
             name, body = match.group(2), match.group(3)
             assert name in docs_samples.SAMPLES, f"{doc.name}: unknown sample '{name}'"
-            assert body.startswith("```\n$ "), f"{doc.name}: sample '{name}' is not regenerated output"
+            assert body.startswith("```\n$ "), (
+                f"{doc.name}: sample '{name}' is not regenerated output"
+            )
         assert len(docs_samples.OPENING.findall(text)) == len(docs_samples.BLOCK.findall(text))
 
 
 def test_replace_samples_rewrites_only_the_marked_blocks():
-    text = ("intro `<!-- sample: quoted -->`\n<!-- sample: a -->\n```\nold a\n```\n<!-- /sample -->\nmiddle\n"
-            "<!-- sample: b -->\n<!-- /sample -->\nend\n<!-- sample: a -->\nstale\n<!-- /sample -->\n")
+    text = (
+        "intro `<!-- sample: quoted -->`\n"
+        "<!-- sample: a -->\n```\nold a\n```\n<!-- /sample -->\nmiddle\n"
+        "<!-- sample: b -->\n<!-- /sample -->\nend\n<!-- sample: a -->\nstale\n<!-- /sample -->\n"
+    )
     samples = {"a": "$ dvc status\nup to date\n\n", "b": "$ ls"}
     assert docs_samples.replace_samples(text, samples) == (
-        "intro `<!-- sample: quoted -->`\n<!-- sample: a -->\n```\n$ dvc status\nup to date\n```\n<!-- /sample -->\n"
+        "intro `<!-- sample: quoted -->`\n"
+        "<!-- sample: a -->\n```\n$ dvc status\nup to date\n```\n<!-- /sample -->\n"
         "middle\n<!-- sample: b -->\n```\n$ ls\n```\n<!-- /sample -->\n"
         "end\n<!-- sample: a -->\n```\n$ dvc status\nup to date\n```\n<!-- /sample -->\n"
     )
     assert docs_samples.replace_samples("no markers\n", samples) == "no markers\n"
-    assert docs_samples.replace_samples("<!-- sample: b -->\nold\n<!-- /sample -->\n", samples, "<sub>x</sub>") == (
-        "<!-- sample: b -->\n```\n$ ls\n```\n<sub>x</sub>\n<!-- /sample -->\n")
+    assert docs_samples.replace_samples(
+        "<!-- sample: b -->\nold\n<!-- /sample -->\n", samples, "<sub>x</sub>"
+    ) == ("<!-- sample: b -->\n```\n$ ls\n```\n<sub>x</sub>\n<!-- /sample -->\n")
 
 
 def test_replace_samples_refuses_an_unknown_name_or_an_unclosed_marker():
@@ -319,11 +354,15 @@ def test_replace_samples_refuses_an_unknown_name_or_an_unclosed_marker():
 
 def test_set_param_edits_one_key_of_one_section_and_keeps_its_comment(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text("prepare:\n  epochs: 3  # not train's\ntrain:\n  model: reference  # preset\n"
-                      "  epochs: null           # the preset's\n")
+    params.write_text(
+        "prepare:\n  epochs: 3  # not train's\ntrain:\n  model: reference  # preset\n"
+        "  epochs: null           # the preset's\n"
+    )
     docs_samples.set_param(params, "train.epochs", 15)
-    assert params.read_text() == ("prepare:\n  epochs: 3  # not train's\ntrain:\n  model: reference  # preset\n"
-                                  "  epochs: 15           # the preset's\n")
+    assert params.read_text() == (
+        "prepare:\n  epochs: 3  # not train's\ntrain:\n  model: reference  # preset\n"
+        "  epochs: 15           # the preset's\n"
+    )
     with pytest.raises(PipelineError) as e:
         docs_samples.set_param(params, "train.seed", 1)
     assert str(e.value) == f"{params}: no key train.seed"

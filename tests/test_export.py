@@ -152,9 +152,7 @@ def test_the_same_model_exports_to_the_same_bytes(trained, tmp_path):
     for run in ("first", "second"):
         run_stage("export", *export_args(trained, tmp_path / run), cwd=trained)
     first = digests(tmp_path / "first")
-    assert {"model.onnx", "metrics.json", "parity.json", "saved_model/saved_model.pb"} <= set(
-        first
-    )
+    assert {"model.onnx", "metrics.json", "parity.json", "saved_model/saved_model.pb"} <= set(first)
     assert first == digests(tmp_path / "second")
 
 
@@ -186,7 +184,9 @@ def test_tampered_onnx_fails_the_parity_check_and_writes_nothing(
 
 def test_float32_export_further_from_the_bf16_model_than_allowed_fails(trained, tmp_path, capsys):
     # Its own params.yaml, in its own directory: the shared `trained` stays as it is.
-    write_params(tmp_path / "params.yaml", trained / "params.yaml", export__precision_tolerance=1e-9)
+    write_params(
+        tmp_path / "params.yaml", trained / "params.yaml", export__precision_tolerance=1e-9
+    )
     with contextlib.chdir(tmp_path), pytest.raises(SystemExit):
         run_cli(export.main, export_args(trained, tmp_path / "export"))
     error = capsys.readouterr().err

@@ -78,7 +78,9 @@ def experiments(repo):
 
 def exp_run_entries(repo):
     root = Path(repo) / ".dvc/tmp/exps"
-    return sorted(str(p.relative_to(root)) for sub in ("run", "cache") for p in (root / sub).glob("*"))
+    return sorted(
+        str(p.relative_to(root)) for sub in ("run", "cache") for p in (root / sub).glob("*")
+    )
 
 
 def assert_as_committed(repo):
@@ -143,7 +145,9 @@ def test_an_unreachable_database_is_one_line_and_exit_1(tmp_path):
     project = copy_project(tmp_path / "project")
     port = free_port()  # nothing listens there
     url = f"postgresql://tune:secret@127.0.0.1:{port}/tune"
-    code, output = run(project, *tune_cmd(space_file(tmp_path / "s.yaml"), tmp_path / "o", "--storage", url))
+    code, output = run(
+        project, *tune_cmd(space_file(tmp_path / "s.yaml"), tmp_path / "o", "--storage", url)
+    )
     assert code == 1
     assert output == (
         f"Error: cannot reach the study database postgresql://tune:***@127.0.0.1:{port}/tune: "
@@ -226,7 +230,9 @@ def test_a_pruned_trial_leaves_no_experiment_and_a_rerun_resumes_the_study(repro
     assert exp_refs(repo) == [] and exp_run_entries(repo) == before
     assert_as_committed(repo)
     # The same study, one trial more, nothing pruned: only the new trial runs.
-    output = sh(repo, *tune_cmd(space_file(tmp_path / "s.yaml", budget={"trials": 2, "minutes": None}), out))
+    output = sh(
+        repo, *tune_cmd(space_file(tmp_path / "s.yaml", budget={"trials": 2, "minutes": None}), out)
+    )
     pruned, done = load(url).trials
     assert (pruned.state.name, done.state.name) == ("PRUNED", "COMPLETE")
     assert experiments(repo) == ["tiny-1"]
@@ -250,7 +256,9 @@ def test_a_failed_trial_is_recorded_failed_and_stops_the_search_with_one_line(re
     repo = copy_reproduced(reproduced, tmp_path / "p")
     out = tmp_path / "out"
     # The train stage's params check rejects 0 epochs before it imports TensorFlow.
-    space = space_file(tmp_path / "s.yaml", space={**TINY["space"], "train.epochs": {"choices": [0]}})
+    space = space_file(
+        tmp_path / "s.yaml", space={**TINY["space"], "train.epochs": {"choices": [0]}}
+    )
     before = exp_run_entries(repo)
     code, output = run(repo, *tune_cmd(space, out))
     log = out / "logs" / "tiny-0.log"
@@ -261,7 +269,10 @@ def test_a_failed_trial_is_recorded_failed_and_stops_the_search_with_one_line(re
         f"failed to run: python -m stages.train --data data/prepared --model data/model/model.keras "
         f"--live data/train --checkpoint data/checkpoint, exited with 1 (log: {log})"
     ]
-    assert "Error: params.yaml: train.epochs must be an integer >= 1 or preset, got 0" in log.read_text()
+    assert (
+        "Error: params.yaml: train.epochs must be an integer >= 1 or preset, got 0"
+        in log.read_text()
+    )
     (failed,) = load(f"sqlite:///{out / 'tiny.db'}").trials
     assert (failed.state.name, failed.params["train.epochs"]) == ("FAIL", 0)
     assert failed.user_attrs["experiment"] == "tiny-0"
@@ -288,7 +299,9 @@ def wait_for_train(out, name, timeout=120):
         if log.exists() and "Epoch 1/" in log.read_text():
             return
         time.sleep(0.2)
-    raise AssertionError(f"trial {name} did not start training:\n{log.read_text() if log.exists() else ''}")
+    raise AssertionError(
+        f"trial {name} did not start training:\n{log.read_text() if log.exists() else ''}"
+    )
 
 
 @needs_mnist
@@ -296,7 +309,9 @@ def wait_for_train(out, name, timeout=120):
 def test_ctrl_c_stops_the_trial_and_leaves_no_half_made_experiment(reproduced, tmp_path):
     repo = copy_reproduced(reproduced, tmp_path / "p")
     out = tmp_path / "out"
-    space = space_file(tmp_path / "s.yaml", space={**TINY["space"], "train.epochs": {"low": 100, "high": 200}})
+    space = space_file(
+        tmp_path / "s.yaml", space={**TINY["space"], "train.epochs": {"low": 100, "high": 200}}
+    )
     before = exp_run_entries(repo)
     proc = start_tune(repo, space, out)
     wait_for_train(out, "tiny-0")
@@ -340,7 +355,9 @@ def postgres():
     initdb refuses root, so under root the server runs as Debian's `postgres` user."""
     if PG_BIN is None:
         if os.environ.get("REQUIRE_POSTGRES"):
-            raise AssertionError("REQUIRE_POSTGRES is set but /usr/lib/postgresql/*/bin/initdb is missing")
+            raise AssertionError(
+                "REQUIRE_POSTGRES is set but /usr/lib/postgresql/*/bin/initdb is missing"
+            )
         pytest.skip("no PostgreSQL server (Debian's postgresql package)")
     as_user = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
     home = Path(tempfile.mkdtemp(prefix="tune-pg-"))
@@ -362,7 +379,9 @@ def postgres():
 @needs_mnist
 @pytest.mark.slow
 def test_two_workers_share_a_postgresql_study_and_a_third_clone_sees_every_trial(
-    postgres, machine_a, tmp_path  # noqa: F811
+    postgres,
+    machine_a,
+    tmp_path,
 ):
     _, origin = machine_a
     space = space_file(tmp_path / "s.yaml", budget={"trials": 2, "minutes": None})
@@ -403,4 +422,7 @@ def test_a_study_in_postgresql_is_seen_by_another_worker(postgres):
                                         "objective": {"metric": "eval/loss", "direction": "minimize"}})  # fmt: skip
     with pytest.raises(tune.PipelineError) as e:
         tune.make_study(tune.open_storage(postgres, 1), other, worker=1)
-    assert str(e.value) == "study 'shared' in this database was made to maximize, not minimize; name a new study"
+    assert (
+        str(e.value)
+        == "study 'shared' in this database was made to maximize, not minimize; name a new study"
+    )

@@ -27,8 +27,10 @@ DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").g
 
 # A block: the opening marker, anything (the previous sample), the closing marker, each
 # marker a line of its own (a marker quoted in a sentence is not one).
-BLOCK = re.compile(r"^(<!-- sample: ([\w-]+) -->\n)((?:(?!<!-- sample:).)*?)^(<!-- /sample -->)$",
-                   re.DOTALL | re.MULTILINE)
+BLOCK = re.compile(
+    r"^(<!-- sample: ([\w-]+) -->\n)((?:(?!<!-- sample:).)*?)^(<!-- /sample -->)$",
+    re.DOTALL | re.MULTILINE,
+)
 OPENING = re.compile(r"^<!-- sample: ([\w-]+) -->$", re.MULTILINE)
 # What collect() produces; the docs' markers may name only these.
 SAMPLES = ("compare", "per-class-diff", "exp-show", "push", "pull")
@@ -83,16 +85,25 @@ class Scratch:
             **os.environ,
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
             "DVC_NO_ANALYTICS": "1",
-            "GIT_AUTHOR_NAME": "docs", "GIT_AUTHOR_EMAIL": "docs@localhost",
-            "GIT_COMMITTER_NAME": "docs", "GIT_COMMITTER_EMAIL": "docs@localhost",
+            "GIT_AUTHOR_NAME": "docs",
+            "GIT_AUTHOR_EMAIL": "docs@localhost",
+            "GIT_COMMITTER_NAME": "docs",
+            "GIT_COMMITTER_EMAIL": "docs@localhost",
             "COLUMNS": "200",  # DVC's tables are not wrapped
         }
 
     def run(self, command):
         """Runs a shell command in the clone; returns its stdout, or raises on failure."""
         print(f"docs_samples: $ {command}", file=sys.stderr, flush=True)
-        result = subprocess.run(command, shell=True, cwd=self.path, env=self.env,
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            command,
+            shell=True,
+            cwd=self.path,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,  # a failure is raised below with its stderr
+        )
         if result.returncode != 0:
             lines = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()
             last = next((line for line in lines if line.startswith("ERROR")), lines[-1])
@@ -127,10 +138,14 @@ def bring_baseline(scratch, cache, repro, overrides=()):
             if not repro:
                 raise
     elif not repro:
-        raise PipelineError(f"no DVC cache at {cache}; reproduce the baseline there first, or pass --repro")
+        raise PipelineError(
+            f"no DVC cache at {cache}; reproduce the baseline there first, or pass --repro"
+        )
     if repro:
         scratch.run("dvc repro")
-        scratch.run("git add -A && (git diff --cached --quiet || git commit -qm 'docs_samples: baseline')")
+        scratch.run(
+            "git add -A && (git diff --cached --quiet || git commit -qm 'docs_samples: baseline')"
+        )
     status = scratch.run("dvc status").strip()
     if status != "Data and pipelines are up to date.":
         raise PipelineError(f"the clone's outputs do not match dvc.lock: {status.splitlines()[0]}")
@@ -145,9 +160,13 @@ def collect(scratch):
     set_param(params, "train.model", "fast")
     status = scratch.shown("dvc status")
     scratch.run("dvc repro")
-    compared = scratch.shown("dvc metrics diff main", "dvc params diff main", "python -m tools.report --base main")
+    compared = scratch.shown(
+        "dvc metrics diff main", "dvc params diff main", "python -m tools.report --base main"
+    )
     samples["compare"] = f"{status}\n{compared}"
-    samples["per-class-diff"] = scratch.shown("dvc metrics diff main --targets data/evaluate/per_class.json")
+    samples["per-class-diff"] = scratch.shown(
+        "dvc metrics diff main --targets data/evaluate/per_class.json"
+    )
     scratch.run("git checkout -q -- . && git checkout -q main && dvc checkout --quiet")
 
     scratch.run("dvc exp run -n fast-seed-42 -S train.model=fast")
@@ -162,22 +181,33 @@ def collect(scratch):
     subprocess.run(["git", "clone", "--quiet", str(scratch.path), str(other.path)], check=True)
     other.run(f"dvc remote add --local -d team {remote}")
     samples["pull"] = other.shown("dvc pull", "dvc status")
-    assert set(samples) == set(SAMPLES), f"collect() made {sorted(samples)}, SAMPLES names {sorted(SAMPLES)}"
+    assert set(samples) == set(SAMPLES), (
+        f"collect() made {sorted(samples)}, SAMPLES names {sorted(SAMPLES)}"
+    )
     return samples
 
 
 def provenance(scratch):
     """One line naming the command, the commit and the machine the samples come from."""
     commit = scratch.run("git rev-parse --short main").strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
-    return f"<sub>`python -m tools.docs_samples` on commit {commit}'s baseline; {cpu}, {os.cpu_count()} cores.</sub>"
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
+    command = "`python -m tools.docs_samples`"
+    return f"<sub>{command} on commit {commit}'s baseline; {cpu}, {os.cpu_count()} cores.</sub>"
 
 
 def rewrite_docs(samples, check, note=""):
     """Rewrites the sample blocks of the docs; returns the files that changed (or would)."""
     texts = {name: (ROOT / name).read_text() for name in DOCS}
-    new = {name: replace_samples(text, samples, note) for name, text in texts.items()}  # all, then write
+    new = {
+        name: replace_samples(text, samples, note) for name, text in texts.items()
+    }  # all, then write
     changed = [name for name in DOCS if new[name] != texts[name]]
     for name in changed if not check else []:
         with atomic_file(ROOT / name) as tmp:
@@ -187,16 +217,31 @@ def rewrite_docs(samples, check, note=""):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=ROOT / ".dvc" / "cache",
-                        help="DVC cache or remote holding the baseline's outputs (default: this checkout's cache)")
-    parser.add_argument("--repro", action="store_true", help="reproduce the baseline in the clone when it cannot be pulled")
-    parser.add_argument("--check", action="store_true", help="list the files whose samples are stale; write nothing")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a params override for a quick check of this script (e.g. prepare.train_size=500): "
-                             "reproduces that baseline, prints the samples, writes nothing")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=ROOT / ".dvc" / "cache",
+        help="DVC cache or remote holding the baseline's outputs (default: this checkout's cache)",
+    )
+    parser.add_argument(
+        "--repro",
+        action="store_true",
+        help="reproduce the baseline in the clone when it cannot be pulled",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="list the files whose samples are stale; write nothing"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params override for a quick check of this script (e.g. prepare.train_size=500): "
+        "reproduces that baseline, prints the samples, writes nothing",
+    )
     args = parser.parse_args(argv)
 
-    rewrite_docs({name: "" for name in SAMPLES}, check=True)  # bad markers fail before any run
+    rewrite_docs(dict.fromkeys(SAMPLES, ""), check=True)  # bad markers fail before any run
     work = Path(tempfile.mkdtemp(prefix="docs-samples-"))
     try:
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(work / "project")], check=True)

@@ -261,9 +261,7 @@ def candidates(regions, shape):
 
 def near(a, b, gap):
     """Whether bounding boxes a and b are within `gap` pixels of each other."""
-    return (
-        a[0] - gap < b[2] and b[0] - gap < a[2] and a[1] - gap < b[3] and b[1] - gap < a[3]
-    )
+    return a[0] - gap < b[2] and b[0] - gap < a[2] and a[1] - gap < b[3] and b[1] - gap < a[3]
 
 
 def pick_digit(regions, shape):
@@ -280,7 +278,7 @@ def pick_digit(regions, shape):
         for r in others:
             if r not in chosen and near(box, r.bbox, gap):
                 chosen.append(r)
-                box = [f(a, b) for f, a, b in zip((min, min, max, max), box, r.bbox)]
+                box = [f(a, b) for f, a, b in zip((min, min, max, max), box, r.bbox, strict=True)]
                 grown = True
     return chosen
 

@@ -23,10 +23,9 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
-
-import warnings
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -195,7 +194,6 @@ def open_storage(url, heartbeat_s):
     # Heartbeats and their retry callback are "experimental" since Optuna 2.8: used as documented.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     from optuna.storages import RetryHeartbeatStaleTrialCallback
-
     from sqlalchemy.engine import make_url
 
     try:
@@ -579,7 +577,9 @@ def push_finished(study, remote):
         name = t.user_attrs.get("experiment")
         if name in PUSHED or not any(ref.endswith(f"/{name}") for ref in local):
             continue
-        result = subprocess.run(["dvc", "exp", "push", remote, name], capture_output=True, text=True)
+        result = subprocess.run(
+            ["dvc", "exp", "push", remote, name], capture_output=True, text=True
+        )
         if result.returncode != 0:
             why = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
             raise PipelineError(
@@ -714,7 +714,9 @@ def report(study, search, out):
         print(f"No complete trial fit within max_fit_s = {search.max_fit_s:g} s; the best of all:")
     fit = best.user_attrs.get("fit_s")
     fit_text = "" if fit is None else f", fit {fit:.2f} s"
-    print(f"Best: trial {best.number}, {search.objective.metric} {best.value:.4f} (validation){fit_text}")
+    print(
+        f"Best: trial {best.number}, {search.objective.metric} {best.value:.4f} (validation){fit_text}"
+    )
     print(f"Its test accuracy: {cell(best.user_attrs.get('test_accuracy'))}")
     print(f"Restore it:   dvc exp apply {best.user_attrs['experiment']}")
     print(f"Reproduce it: dvc exp run {' '.join(set_flags(best.user_attrs['overrides']))}")
@@ -730,7 +732,9 @@ def main(argv=None):
     parser.add_argument("--storage", help="database URL (default: sqlite:///OUT/<study>.db)")
     parser.add_argument("--out", default="tune", help="table, figures and trial logs")
     parser.add_argument("--worker", type=int, default=1, help="this worker's number, 1..N")
-    parser.add_argument("--push", metavar="REMOTE", help="dvc exp push each trial to this git remote")
+    parser.add_argument(
+        "--push", metavar="REMOTE", help="dvc exp push each trial to this git remote"
+    )
     args = parser.parse_args(argv)
     # Ctrl-C or `kill -INT` stops the search cleanly, also when it was started from a
     # script's background job, which inherits SIGINT ignored (so would every trial's DVC).
