@@ -119,7 +119,7 @@ def verify(path, checksum):
         raise BadFile(f"{kind} mismatch (got {digest.hexdigest()[:12]}…, want {expected[:12]}…)")
 
 
-def describe(error):
+def why_failed(error):
     """One short phrase for why a mirror failed."""
     if isinstance(error, urllib.error.HTTPError):
         return f"HTTP {error.code}"
@@ -144,7 +144,7 @@ def fetch_file(name, checksum, mirrors, dest_dir, timeout_s, mirror_env):
         # server raises an http.client.HTTPException.
         except (BadFile, OSError, http.client.HTTPException) as e:
             dest.unlink(missing_ok=True)
-            failures.append(f"{mirror} ({describe(e)})")
+            failures.append(f"{mirror} ({why_failed(e)})")
     raise PipelineError(
         f"no mirror served a valid {name}: {'; '.join(failures)}. "
         f"Set {mirror_env} to a directory or URL holding the dataset's files"
@@ -159,8 +159,7 @@ def load_description(path):
     except yaml.YAMLError as e:
         raise PipelineError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     except ValidationError as e:
-        where = {".".join(map(str, err["loc"])) or "the file": err["msg"] for err in e.errors()}
-        problems = "; ".join(f"{key}: {msg}" for key, msg in where.items())
+        problems = params.explain(e, Description)
         raise PipelineError(f"{path} is not a dataset description ({problems})") from None
 
 

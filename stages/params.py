@@ -46,15 +46,18 @@ def bounds(schema, joiner):
     return joiner.join(words)
 
 
-def describe(schema):
+def allowed(schema):
     """What a field's JSON schema (pydantic's rendering of its declaration) allows, in
-    words: 'an integer >= 1', 'one of auto, true, false', 'a number in [0, 1)', ..."""
+    words: 'an integer >= 1', 'one of auto, true, false', 'a number in [0, 1)', ...;
+    None for a schema it has no words for (a nested model, a mapping)."""
     if "description" in schema and schema.get("type") != "array":
         return schema["description"]
     if "anyOf" in schema:
-        options = [s for s in schema["anyOf"] if s.get("type") != "null"]
+        options = [allowed(s) for s in schema["anyOf"] if s.get("type") != "null"]
+        if None in options:
+            return None
         nullable = len(options) < len(schema["anyOf"])
-        return " or ".join(describe(s) for s in options) + (" or null" if nullable else "")
+        return " or ".join(options) + (" or null" if nullable else "")
     if "enum" in schema or "const" in schema:
         words = [
             yaml.safe_dump(c).split("\n")[0] for c in schema.get("enum", [schema.get("const")])
@@ -76,28 +79,53 @@ def describe(schema):
     if kind == "string":
         return "a non-empty string" if schema.get("minLength") else "a string"
     if kind == "array" and "prefixItems" in schema:  # a tuple
-        each = {describe(s) for s in schema["prefixItems"]}
-        what = (
-            each.pop() if len(each) == 1 else " / ".join(describe(s) for s in schema["prefixItems"])
-        )
-        return f"a list of {len(schema['prefixItems'])} values, each {what}"
+        each = [allowed(s) for s in schema["prefixItems"]]
+        if None in each:
+            return None
+        what = each[0] if len(set(each)) == 1 else " / ".join(each)
+        return f"a list of {len(each)} values, each {what}"
     if kind == "array":
         items = schema.get("items", {})
-        what = items.get("description") or describe(items)
-        return ("a non-empty list of " if schema.get("minItems") else "a list of ") + what
-    raise TypeError(f"no description for {schema}")
+        what = items.get("description") or allowed(items)
+        if what is None:
+            return None
+        least = schema.get("minItems", 0)
+        if least > 1:
+            return f"a list of at least {least} items, each {what}"
+        return ("a non-empty list of " if least else "a list of ") + what
+    return None
 
 
-def problem(schema, values, error):
-    """One pydantic error -> 'train.epochs must be ...' (or unknown / missing key)."""
-    key = error["loc"][0]
-    name = f"{schema.section}.{key}"
-    if error["type"] == "extra_forbidden":
-        return f"unknown key {name}; allowed keys: {', '.join(schema.model_fields)}"
-    if error["type"] == "missing":
-        return f"missing key {name}"
-    field = schema.model_json_schema()["properties"][key]
-    return f"{name} must be {describe(field)}, got {values[key]!r}"
+def explain(error, model, prefix="", values=None):
+    """A pydantic ValidationError of `model` -> one line naming every bad key once, e.g.
+    'train.epochs must be an integer >= 1, got 0; unknown key train.epoch'. Keys are
+    named `prefix` + their dotted path; `values`, the dict that was validated, gives a
+    bad top-level key's whole value. The one formatter of validation errors: params
+    sections, dataset descriptions and search files all report through it."""
+    properties = model.model_json_schema().get("properties", {})
+    seen = {}  # a key fails once per union branch (and per list item): say it once
+    for e in error.errors():
+        loc = [str(part) for part in e["loc"]]
+        top = loc[0] if loc else None
+        words = allowed(properties[top]) if top in properties else None
+        if e["type"] == "extra_forbidden":
+            name = prefix + ".".join(loc)
+            known = f"; allowed keys: {', '.join(model.model_fields)}" if len(loc) == 1 else ""
+            line = f"unknown key {name}{known}"
+        elif e["type"] == "missing":
+            name = prefix + ".".join(loc)
+            line = f"missing key {name}"
+        elif words:
+            name = prefix + top
+            got = values[top] if values and top in values else e["input"]
+            line = f"{name} must be {words}, got {got!r}"
+        else:
+            name = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "the top level"
+            line = f"{name}: {e['msg'].removeprefix('Value error, ')}"
+            if e["type"] != "value_error" and "input" in e:
+                line += f", got {e['input']!r}"
+        seen.setdefault(name, line)
+    return "; ".join(seen.values())
 
 
 def validate(schema, values, source=PARAMS_FILE):
@@ -108,10 +136,8 @@ def validate(schema, values, source=PARAMS_FILE):
     try:
         return schema(**values)
     except ValidationError as e:
-        seen = {}  # a key fails once per union branch; say it once
-        for error in e.errors():
-            seen.setdefault(error["loc"][0], problem(schema, values, error))
-        raise PipelineError(f"{source}: " + "; ".join(seen.values())) from None
+        problems = explain(e, schema, f"{schema.section}.", values)
+        raise PipelineError(f"{source}: {problems}") from None
 
 
 def load(schema, path=PARAMS_FILE):
