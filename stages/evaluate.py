@@ -30,18 +30,19 @@ class Params(params.Section):
 
 params.check_early(__name__, Params)
 
+import keras
 import numpy as np
 import pandas as pd
 
 from stages import figures, models
 from stages.dataset import load_info, load_prepared
 
-EPSILON = 1e-7  # Keras' clip for log(0) in cross-entropy
-
 
 def cross_entropy(probs, labels):
-    """Mean categorical cross-entropy, as Keras computes it (clipped at EPSILON)."""
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], EPSILON, 1.0))))
+    """Mean categorical cross-entropy of softmax outputs, Keras' own (the loss training
+    reports): labels (N,) ints, probs (N, classes)."""
+    losses = keras.losses.sparse_categorical_crossentropy(labels, probs)
+    return float(np.mean(keras.ops.convert_to_numpy(losses)))
 
 
 def compute_metrics(labels, probs):

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from filelock import FileLock
 
+from tools.paths import set_params
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MIRROR = ROOT.parent / "shared" / "datasets" / "mnist"  # CI lays shared/ there
 USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnist-dvc"
@@ -51,13 +53,11 @@ def pytest_report_header():
 
 def write_params(path, source=ROOT / "params.yaml", **overrides):
     """Writes params.yaml at `path` from `source` (default: the project's), with overrides
-    like train__epochs=1."""
-    doc = yaml.safe_load(Path(source).read_text())
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        doc[section][name] = value
-    Path(path).write_text(yaml.safe_dump(doc, sort_keys=False))
-    return doc
+    like train__epochs=1; returns the params as a dict."""
+    if Path(path) != Path(source):
+        shutil.copyfile(source, path)
+    edit_params(path, **overrides)
+    return yaml.safe_load(Path(path).read_text())
 
 
 # What a user's clone holds that the pipeline needs: tests copy these into temporary
@@ -91,19 +91,8 @@ def copy_project(dest):
 
 def edit_params(path, **overrides):
     """Changes values of the params file at `path` in place, as a user edits it: comments
-    and layout kept. Overrides like train__epochs=1 (YAML scalars only)."""
-    lines = Path(path).read_text().splitlines(keepends=True)
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        start = lines.index(f"{section}:\n")
-        i = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(f"  {name}:"))
-        old = lines[i]
-        comment = old[old.index("#") :] if "#" in old else "\n"
-        text = yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
-        lines[i] = f"  {name}: {text}".ljust(len(old) - len(comment)) + comment
-        while i + 1 < len(lines) and lines[i + 1].startswith("  - "):  # a block list's items
-            del lines[i + 1]
-    Path(path).write_text("".join(lines))
+    and layout kept. Overrides like train__epochs=1 (tools.paths.set_params)."""
+    set_params(path, {key.replace("__", "."): value for key, value in overrides.items()})
 
 
 # The dataset record of MNIST as fetch and prepare write it (data/mnist.yaml).

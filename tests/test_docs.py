@@ -14,6 +14,7 @@ import yaml
 
 from stages.common import PipelineError
 from tools import docs_samples
+from tools.paths import set_params
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -352,17 +353,17 @@ def test_replace_samples_refuses_an_unknown_name_or_an_unclosed_marker():
     assert str(e.value) == "sample 'a' has no closing <!-- /sample --> marker"
 
 
-def test_set_param_edits_one_key_of_one_section_and_keeps_its_comment(tmp_path):
+def test_set_params_edits_one_key_of_one_section_and_keeps_its_comment(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(
         "prepare:\n  epochs: 3  # not train's\ntrain:\n  model: reference  # preset\n"
         "  epochs: null           # the preset's\n"
     )
-    docs_samples.set_param(params, "train.epochs", 15)
+    set_params(params, {"train.epochs": 15})
     assert params.read_text() == (
         "prepare:\n  epochs: 3  # not train's\ntrain:\n  model: reference  # preset\n"
-        "  epochs: 15           # the preset's\n"
+        "  epochs: 15             # the preset's\n"  # the comment keeps its column
     )
     with pytest.raises(PipelineError) as e:
-        docs_samples.set_param(params, "train.seed", 1)
+        set_params(params, {"train.seed": 1})
     assert str(e.value) == f"{params}: no key train.seed"

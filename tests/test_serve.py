@@ -30,7 +30,7 @@ from tests.conftest import (
     make_prepared,
     write_params,
 )
-from tools import preprocess, serve
+from tools import predict, preprocess, serve
 from tools.predict import load_predictor
 
 with warnings.catch_warnings():
@@ -97,7 +97,7 @@ def test_predict_returns_what_the_model_says_about_the_preprocessed_image(client
     elapsed_ms = 1000 * (time.perf_counter() - start)
     assert response.status_code == 200
     answer = response.json()
-    assert sorted(answer) == ["class", "ms", "probabilities", "probability"]
+    assert sorted(answer) == ["class", "ms", "probabilities", "probability", "runner_up"]
     x = preprocess.to_mnist(preprocess.read_image(drawn_one(), "upload"))
     expected = np.asarray(predictor.predict(x[np.newaxis]))[0]
     assert answer["probabilities"] == pytest.approx(expected.tolist(), abs=1e-6)
@@ -105,6 +105,15 @@ def test_predict_returns_what_the_model_says_about_the_preprocessed_image(client
     assert answer["probability"] == pytest.approx(float(expected.max()), abs=1e-6)
     # The server's own time (decode, preprocess, predict) is part of the client's round trip.
     assert 0 < answer["ms"] <= elapsed_ms
+
+
+def test_the_api_answers_what_predict_prints_for_the_same_image(client, predictor, tmp_path):
+    (tmp_path / "one.png").write_bytes(drawn_one())
+    [printed] = predict.classify(predictor, [str(tmp_path / "one.png")])
+    served = client.post("/predict", content=drawn_one()).json()
+    del printed["file"], served["ms"]
+    assert served == printed
+    assert sorted(served) == ["class", "probabilities", "probability", "runner_up"]
 
 
 def test_not_an_image_is_400_with_the_reason(client):

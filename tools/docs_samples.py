@@ -20,7 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from stages.common import PipelineError, atomic_file, run_cli
+from tools.paths import set_params
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
@@ -57,22 +60,6 @@ def replace_samples(text, samples, note=""):
         return f"{match.group(1)}```\n{samples[name].rstrip()}\n```\n{after}{match.group(4)}"
 
     return BLOCK.sub(body, text)
-
-
-def set_param(params_file, key, value):
-    """Rewrites one `key: value` line of a params.yaml section in place, keeping its
-    comment, as a user's edit would (dvc exp run -S does the same)."""
-    section, name = key.split(".")
-    lines = Path(params_file).read_text().splitlines(keepends=True)
-    current = None
-    for i, line in enumerate(lines):
-        if re.match(r"^\w", line):
-            current = line.split(":")[0]
-        elif current == section and re.match(rf"^\s+{name}:", line):
-            lines[i] = re.sub(rf"^(\s+{name}:\s*)\S+", rf"\g<1>{value}", line)
-            Path(params_file).write_text("".join(lines))
-            return
-    raise PipelineError(f"{params_file}: no key {key}")
 
 
 class Scratch:
@@ -126,7 +113,7 @@ def bring_baseline(scratch, cache, repro, overrides=()):
     that its `main` is what the samples compare against."""
     for override in overrides:
         key, _, value = override.partition("=")
-        set_param(scratch.path / "params.yaml", key, value)
+        set_params(scratch.path / "params.yaml", {key: yaml.safe_load(value)})  # as -S reads it
     if overrides:
         scratch.run("git commit -qam 'docs_samples: params overrides'")
         repro = True
@@ -157,7 +144,7 @@ def collect(scratch):
     params = scratch.path / "params.yaml"
 
     scratch.run("git checkout -q -b fast")
-    set_param(params, "train.model", "fast")
+    set_params(params, {"train.model": "fast"})
     status = scratch.shown("dvc status")
     scratch.run("dvc repro")
     compared = scratch.shown(

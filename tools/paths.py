@@ -1,8 +1,11 @@
-"""The pipeline's paths, read by key from dvc.yaml's `vars`, where they are named once."""
+"""The project's files by name: the pipeline's paths, read by key from dvc.yaml's `vars`
+(where they are named once), and edits of params.yaml that keep its comments."""
 
+import io
 from pathlib import Path
 
 import yaml
+from ruamel.yaml import YAML
 
 from stages.common import PipelineError
 
@@ -18,3 +21,24 @@ def dvc_var(key, dvc_yaml="dvc.yaml"):
         if isinstance(entry, dict) and key in entry:
             return entry[key]
     raise PipelineError(f"{path}: no `{key}` in vars")
+
+
+def set_params(path, updates):
+    """Sets dotted keys of the params file at `path` ({"train.epochs": 1}) in place,
+    keeping its comments and layout, as a user's edit or `dvc exp run -S` would. A key the
+    file lacks is an error: a typo must not add a key no stage reads."""
+    path = Path(path)
+    yaml_rt = YAML()  # round-trip: comments, order and block/flow style survive
+    yaml_rt.width = 4096  # never fold a long line
+    doc = yaml_rt.load(path.read_text())
+    for key, value in updates.items():
+        *parents, name = key.split(".")
+        node = doc
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or name not in node:
+            raise PipelineError(f"{path}: no key {key}")
+        node[name] = value
+    stream = io.StringIO()
+    yaml_rt.dump(doc, stream)
+    path.write_text(stream.getvalue())

@@ -130,21 +130,30 @@ def image_probabilities(predictor, data, name, number=False, run=None):
     return np.asarray((run or predictor.predict)(x), dtype=np.float32)
 
 
-def describe(p, classes):
-    """Probabilities (classes,) -> {"class", "probability", "runner_up", "probabilities"}."""
+def prediction(p, classes):
+    """Probabilities (classes,) -> {"class", "probability", "runner_up": {"class",
+    "probability"}, "probabilities"}: the one answer for an image, from this command and
+    from the server's /predict alike (docs/predict.md). Rounded to 6 decimals, about
+    float32's precision."""
     first, second = np.argsort(-p, kind="stable")[:2]
     return {
         "class": classes[first],
-        "probability": float(p[first]),
-        "runner_up": {"class": classes[second], "probability": float(p[second])},
+        "probability": round(float(p[first]), 6),
+        "runner_up": {"class": classes[second], "probability": round(float(p[second]), 6)},
         "probabilities": [round(float(v), 6) for v in p],
     }
 
 
-def describe_number(probs, classes):
-    """Probabilities (k, 10), left to right -> {"number", "digits": [describe(p), ...]}."""
-    digits = [describe(p, classes) for p in probs]
+def number_prediction(probs, classes):
+    """Probabilities (k, 10), left to right -> {"number", "digits": [prediction(p), ...]}."""
+    digits = [prediction(p, classes) for p in probs]
     return {"number": "".join(d["class"] for d in digits), "digits": digits}
+
+
+def answer(probs, classes, number=False):
+    """image_probabilities' (k, classes) -> the answer: number_prediction with `number`,
+    else prediction of the one image."""
+    return number_prediction(probs, classes) if number else prediction(probs[0], classes)
 
 
 def classify(predictor, names, stdin=None, number=False):
@@ -157,8 +166,7 @@ def classify(predictor, names, stdin=None, number=False):
         try:
             data = read_input(name, stdin)
             probs = image_probabilities(predictor, data, label(name), number)
-            answer = describe_number(probs, classes) if number else describe(probs[0], classes)
-            results.append({"file": label(name), **answer})
+            results.append({"file": label(name), **answer(probs, classes, number)})
         except (preprocess.BadImage, preprocess.NoDigit) as e:
             results.append({"file": label(name), "error": str(e)})
     return results

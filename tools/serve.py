@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from stages.common import PipelineError, run_cli
 from tools import preprocess
 from tools.paths import dvc_var
-from tools.predict import image_probabilities, is_digits, load_predictor
+from tools.predict import answer, image_probabilities, is_digits, load_predictor
 
 MAX_BODY = 1024 * 1024  # bytes; a digit drawn on the page (280x280 canvas) is a 5-7 KiB PNG
 STATIC = Path(__file__).resolve().parent / "static"
@@ -117,21 +117,11 @@ def create_app(predictor, revision="unknown", accuracy=None):
         with lock:
             return predictor.predict(x)
 
-    def answer(p):
-        return {
-            "class": classes[int(p.argmax())],
-            "probability": round(float(p.max()), 6),
-            "probabilities": [round(float(v), 6) for v in p],
-        }
-
     def classify(data, number):
         start = time.perf_counter()
         probs = image_probabilities(predictor, data, "upload", number, run=run)
         ms = round(1000 * (time.perf_counter() - start), 2)
-        if number:
-            digits = [answer(p) for p in probs]
-            return {"number": "".join(d["class"] for d in digits), "digits": digits, "ms": ms}
-        return {**answer(probs[0]), "ms": ms}
+        return {**answer(probs, classes, number), "ms": ms}
 
     @app.get("/", response_class=HTMLResponse)
     def index():
