@@ -1,13 +1,13 @@
 """What the benchmarks share: params and data made by the stages' own code, the plain Keras
-tutorial's recipe as train params, and the machine's name for the figures."""
+tutorial's recipe as train params, and the machine line every figure names."""
 
 import os
-import platform
 from pathlib import Path
 
 import yaml
 
 from stages import fetch, params, prepare
+from tools.machine import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = "plain Keras tutorial (R-interface example CNN)"
@@ -56,9 +56,9 @@ def load_data(**overrides):
     return prepare.prepare(*mnist_arrays(), p.train_size, p.validation_split, p.test_size)
 
 
-def machine():
-    """CPU model and core count, e.g. 'Intel(R) Xeon(R) Processor, 2 cores'."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores"
+def print_machine(ceilings=True):
+    """Prints the line of `python -m tools.machine` that every benchmark starts with (with
+    `ceilings`: measured, a few seconds) and returns it for the results file."""
+    line = machine_line(ceilings)
+    print(line, flush=True)
+    return line

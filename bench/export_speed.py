@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import print_machine
 from stages import export, models
 from stages.common import PipelineError, run_cli, write_json
 from stages.dataset import load_prepared
-from tools.inference import ONNX_FILE
+from stages.inference import ONNX_FILE
 from tools.paths import dvc_var
 
 
@@ -45,6 +46,7 @@ def main(argv=None):
     onnx_file = Path(dvc_var("exported"), ONNX_FILE)
     if not onnx_file.exists():
         raise PipelineError(f"{onnx_file} not found; run `dvc repro export`")
+    line = print_machine()
     x = load_prepared(dvc_var("prepared"), splits=("test",))["x_test"]
     trained = models.load_model(dvc_var("model"))
     runners = export.format_runners(
@@ -58,7 +60,7 @@ def main(argv=None):
         label = keras if name == "keras" else name
         figures[label] = {"batch_1": single, f"batch_{args.batch_size}": batched}
         print(f"  {label:24} {single:7.2f} / {batched:.3f}")
-    write_json(Path(args.out) / "export_speed.json", figures)
+    write_json(Path(args.out) / "export_speed.json", {"machine": line, "ms_per_image": figures})
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ accuracy on the raw test images.
 
 Renders the first N MNIST test digits (never training digits) as a phone would photograph
 them written on paper, one condition at a time, seeded: dark ink on paper, upscaled 3-6x,
-off-centre in a larger frame, saved as PNG unless the condition says JPEG. Each image goes
-through `predict`'s own path (tools/predict.image_probabilities); a 3-digit row through
-`predict --number`'s and counts only when all three digits are right. Prints the table,
+off-centre in a larger frame, saved as PNG unless the condition says JPEG; then as crops
+(cropped to the ink, enlarged 4x, with or without a margin), and as MNIST's own 28x28
+images saved as PNG. Each image goes through `predict`'s own path
+(tools/predict.image_probabilities); a 3-digit row through `predict --number`'s and counts
+only when all three digits are right. Prints the table,
 writes it to OUT/predict_real_world.json and the first SAMPLES images of each condition
 to OUT/samples/.
 """
@@ -22,10 +24,10 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from bench.common import machine, test_digits
-from stages import prepare
+from bench.common import print_machine, test_digits
+from stages import prepare, preprocess
 from stages.common import PipelineError, run_cli, write_json
-from tools import predict, preprocess
+from tools import predict
 
 PAPER = {  # condition -> what the photo has
     "clean scan": {},
@@ -44,6 +46,16 @@ PAPER = {  # condition -> what the photo has
 ROW = "3-digit rows, phone photo"
 ROW_EFFECTS = {"light", "texture", "noise", "blur", "jpeg"}
 ROW_DIGITS = 3
+CROPS = {  # condition -> (margin per side, top, bottom, left, right, as a share of the
+    # enlarged ink's longer side; dark ink on white). One edge: the side turns digit by digit.
+    "crop with a margin": ((0.25,) * 4, True),
+    "crop, tight": ((0,) * 4, True),
+    "crop, tight, light on dark": ((0,) * 4, False),
+    "crop, touching one edge": ((0, 0.25, 0.25, 0.25), True),
+    "crop, wide margin": ((1,) * 4, True),
+}
+SCALE = 4  # crops are enlarged 4x (bicubic), as a zoomed screenshot or a scan
+OWN = "MNIST's own 28x28 images, PNG"
 
 
 def digits_alpha(digits, rng):
@@ -183,6 +195,40 @@ def photograph(digits, effects, rng):
     return buffer.getvalue(), "PNG"
 
 
+def png(pixels):
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue(), "PNG"
+
+
+def crop(digit, margins, dark, turn):
+    """uint8 MNIST digit (28, 28), white on black -> (PNG bytes, "PNG") of it cropped to its
+    ink, enlarged SCALE x, dark on white when `dark`, with `margins` turned by `turn` sides."""
+    rows, cols = np.flatnonzero(digit.any(axis=1)), np.flatnonzero(digit.any(axis=0))
+    ink = Image.fromarray(digit[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    size = (ink.width * SCALE, ink.height * SCALE)
+    enlarged = np.asarray(ink.resize(size, Image.Resampling.BICUBIC))
+    top, bottom, left, right = (round(m * max(size)) for m in np.roll(margins, turn))
+    return png(
+        np.pad(
+            255 - enlarged if dark else enlarged,
+            ((top, bottom), (left, right)),
+            constant_values=255 if dark else 0,
+        )
+    )
+
+
+def render(name, groups, rng):
+    """uint8 digits (n, k, 28, 28) -> [(bytes, format)], one image of each group's digits
+    as condition `name` makes it."""
+    if name in CROPS:
+        return [crop(g[0], *CROPS[name], turn=i) for i, g in enumerate(groups)]
+    if name == OWN:
+        return [png(g[0]) for g in groups]
+    effects = ROW_EFFECTS if name == ROW else PAPER[name]
+    return [photograph(g, effects, rng) for g in groups]
+
+
 def read_all(predictor, photos, number):
     """Digits read from each photo, as strings ("" when none was found)."""
     read = []
@@ -210,11 +256,11 @@ def measure(predictor, digits, labels, seed, out_dir, samples):
     table = [{"condition": "raw 28x28 test images", "images": len(digits), "raw": None}]
     table[0]["accuracy"] = float(correct.mean())
     start = time.perf_counter()
-    for i, (name, effects) in enumerate([*PAPER.items(), (ROW, ROW_EFFECTS)]):
+    for i, name in enumerate([*PAPER, ROW, *CROPS, OWN]):
         rng = np.random.default_rng([seed, i])
         row = name == ROW
         groups = digits[: n * ROW_DIGITS].reshape(n, ROW_DIGITS, 28, 28) if row else digits[:, None]
-        photos = [photograph(g, effects, rng) for g in groups]
+        photos = render(name, groups, rng)
         save_samples(photos, name, out_dir, samples)
         truths = labels[: n * ROW_DIGITS].reshape(n, -1) if row else labels[:, None]
         truth = ["".join(map(str, t)) for t in truths]
@@ -251,15 +297,16 @@ def main(argv=None):
     if args.n < ROW_DIGITS:
         raise PipelineError(f"--n must be at least {ROW_DIGITS}, got {args.n}")
     predictor = predict.load_predictor(args.model)
+    line = print_machine(ceilings=False)  # its figures are accuracies, not speeds
     digits, labels = test_digits(args.n, args.raw)
     out = Path(args.out)
     table, seconds = measure(predictor, digits, labels, args.seed, out / "samples", args.samples)
     write_json(
         out / "predict_real_world.json",
-        {"model": predictor.source, "seed": args.seed, "machine": machine(), "table": table},
+        {"model": predictor.source, "seed": args.seed, "machine": line, "table": table},
     )
     print(
-        f"MNIST test digits photographed on paper (seed {args.seed}), "
+        f"MNIST test digits photographed on paper and cropped (seed {args.seed}), "
         f"model {predictor.source}\n"
         f"{format_table(table)}\n"
         f"raw: the model on the same test digits as 28x28 images (for rows: all three right); "

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench.common import ROOT, test_digits
+from bench.common import ROOT, print_machine, test_digits
 from stages.common import PipelineError, run_cli, write_json
 
 WARMUP = 20  # requests before the load: the first calls allocate the runtime's buffers
@@ -156,7 +156,8 @@ def main(argv=None):
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
     args = parser.parse_args(argv)
-    s = run(args.model, args.requests, args.clients)
+    line = print_machine()
+    s = {"machine": line, **run(args.model, args.requests, args.clients)}
     print(
         f"model: {s['model']}\n{s['requests']} requests from {s['clients']} clients in "
         f"{s['wall_s']} s: {s['throughput_rps']} requests/s, errors {s['errors']}\n"

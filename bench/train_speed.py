@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from bench.common import TUTORIAL, TUTORIAL_PARAMS, load_data, load_params
+from bench.common import TUTORIAL, TUTORIAL_PARAMS, load_data, load_params, print_machine
 from stages.allocator import LIBRARY as TCMALLOC
 from stages.common import write_json
 
@@ -202,9 +202,10 @@ def main(argv=None):
     names = ["plain", "pipeline"] if default else args.variants or list(VARIANTS)
     if "plain" not in names:
         parser.error("--variants must include plain, the baseline of the ratios")
+    line = print_machine(ceilings=not args.smoke)  # a smoke run's speeds are no figures
     cfg = dict(SMOKE if args.smoke else FULL)
     cfg.update({k: v for k, v in (("train_size", args.train_size), ("rounds", args.rounds)) if v})
-    results = run_rounds(names, cfg)
+    results = {"machine": line, **run_rounds(names, cfg)}
     print(report(results))
     out = args.out or f"bench/results/{'train_speed' if default else 'variants'}.json"
     write_json(out, results)

@@ -2,10 +2,11 @@
 
 One plain .npy file per array (no pickle; memory-mappable): x_{split}.npy holds images,
 float32 (N, height, width, channels) in [0, 1]; y_{split}.npy holds labels, uint8 (N,),
-indices into the class names, for the splits train, val and test. dataset.json names the
-dataset, its classes (label i is classes[i]) and how an upload is prepared for a model
-trained on it: "digits" as MNIST's digits were (tools/preprocess.py), "resize" as every
-training image was (stages/images.py).
+indices into the class names, for the splits train, val and test, and, when fetch.feedback
+names a folder with images, feedback_train and feedback_test (stages/feedback.py).
+dataset.json names the dataset, its classes (label i is classes[i]) and how an upload is
+prepared for a model trained on it: "digits" as MNIST's digits were (stages/preprocess.py),
+"resize" as every training image was (stages/images.py).
 """
 
 import json
@@ -16,6 +17,7 @@ import numpy as np
 from stages.common import PipelineError, atomic_dir, write_json
 
 SPLITS = ("train", "val", "test")
+FEEDBACK_SPLITS = ("feedback_train", "feedback_test")  # present only with feedback
 INFO_FILE = "dataset.json"
 
 
@@ -37,6 +39,11 @@ def load_info(prepared_dir):
         raise PipelineError(f"{path} not found; run `dvc repro prepare` first") from None
     except json.JSONDecodeError:
         raise PipelineError(f"{path} is not JSON; rebuild it with `dvc repro prepare`") from None
+
+
+def has_split(prepared_dir, split):
+    """Whether prepare wrote `split` (the feedback splits are there only with feedback)."""
+    return (Path(prepared_dir) / f"y_{split}.npy").exists()
 
 
 def load_prepared(prepared_dir, splits=SPLITS):

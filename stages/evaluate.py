@@ -3,7 +3,9 @@
 Reads   params.yaml `evaluate`, MODEL (.keras), DATA/{x,y}_test.npy and DATA/dataset.json
         (the class names), LIVE/ (training curves).
 Writes  OUT/metrics.json   the headline: accuracy, loss, errors, and dtype_policy (the
-                           precision the model computes in: what `auto` chose in training)
+                           precision the model computes in: what `auto` chose in training);
+                           with feedback (DATA/{x,y}_feedback_test.npy), also feedback:
+                           accuracy, errors and images of the feedback test part
         OUT/per_class.json precision, recall, F1 and support per class, by name; DVC reads
                            it on request: `dvc metrics diff --targets OUT/per_class.json`
         OUT/confusion.csv  one row per test image: actual,predicted class names (DVC
@@ -35,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from stages import figures, models
-from stages.dataset import load_info, load_prepared
+from stages.dataset import has_split, load_info, load_prepared
 
 
 def cross_entropy(probs, labels):
@@ -53,6 +55,29 @@ def compute_metrics(labels, probs):
         "loss": cross_entropy(probs, labels),
         "errors": int(np.sum(predicted != labels)),
     }
+
+
+def feedback_metrics(labels, probs):
+    """labels: (N,) ints of the feedback test part, N >= 1; probs: (N, classes) ->
+    {"accuracy", "errors", "images"}."""
+    correct = int(np.sum(probs.argmax(axis=1) == labels))
+    return {
+        "accuracy": correct / len(labels),
+        "errors": len(labels) - correct,
+        "images": len(labels),
+    }
+
+
+def score_feedback(model, prepared_dir, batch_size):
+    """feedback_metrics on the feedback test part, {"images": 0} when it is empty, None
+    without feedback."""
+    if not has_split(prepared_dir, "feedback_test"):
+        return None
+    part = load_prepared(prepared_dir, splits=("feedback_test",))
+    x, y = part["x_feedback_test"], part["y_feedback_test"]
+    if not len(y):
+        return {"images": 0}
+    return feedback_metrics(y, model.predict(x, batch_size=batch_size, verbose=0))
 
 
 def confusion_matrix(labels, predicted, num_classes):
@@ -108,9 +133,14 @@ def read_history(live_dir):
     return pd.DataFrame(columns).rename_axis("epoch")
 
 
-def write_outputs(out_dir, labels, probs, images, history, gallery_size, dtype_policy, classes):
+def write_outputs(
+    out_dir, labels, probs, images, history, gallery_size, dtype_policy, classes, feedback=None
+):
+    """feedback: feedback_metrics of the feedback test part, or None without feedback."""
     with atomic_dir(out_dir) as tmp:
         metrics = {**compute_metrics(labels, probs), "dtype_policy": dtype_policy}
+        if feedback is not None:
+            metrics["feedback"] = feedback
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "per_class.json", per_class_metrics(labels, probs, classes))
         predicted = probs.argmax(axis=1)
@@ -149,6 +179,7 @@ def main(argv=None):
     test = load_prepared(args.data, splits=("test",))
     history = read_history(args.live)
     probs = model.predict(test["x_test"], batch_size=p.batch_size, verbose=0)
+    feedback = score_feedback(model, args.data, p.batch_size)
     metrics = write_outputs(
         args.out,
         test["y_test"],
@@ -159,12 +190,18 @@ def main(argv=None):
         # What train's `auto` chose, as it recorded it; the loaded layers compute in it.
         models.recorded(args.model, "training").get("precision", "unrecorded"),
         load_info(args.data)["classes"],
+        feedback,
     )
     print(
         f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "
         f"{metrics['errors']} errors ({len(test['y_test'])} images, model computing in "
         f"{metrics['dtype_policy']}) -> {args.out}"
     )
+    if feedback and feedback["images"]:
+        print(
+            f"evaluate: feedback test accuracy {feedback['accuracy']:.4f}, "
+            f"{feedback['errors']} errors ({feedback['images']} images)"
+        )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Writes  OUT/model.onnx      for onnxruntime (what `python -m tools.predict` and 
         OUT/saved_model/    for TF Serving: signature `serve`, float32 (N, height, width,
                             channels) -> (N, classes)
         Both carry the dataset the model was trained on (name, class names, how an upload
-        is prepared): in the ONNX file's metadata (tools/inference.py reads it) and in
+        is prepared): in the ONNX file's metadata (stages/inference.py reads it) and in
         saved_model/assets.extra/dataset.json.
         OUT/metrics.json    the headline: classes that differ from Keras and the largest
                             probability difference, over both formats
@@ -18,7 +18,6 @@ are byte-for-byte the same on every run with the same model, as DVC's lock file 
 """
 
 import argparse
-import contextlib
 import json
 import re
 from pathlib import Path
@@ -44,7 +43,7 @@ import numpy as np
 
 from stages import models
 from stages.dataset import load_prepared
-from tools.inference import DATASET_KEY, ONNX_FILE, onnx_runner, onnx_session
+from stages.inference import DATASET_KEY, ONNX_FILE, onnx_runner, onnx_session
 
 SAVED_MODEL = "saved_model"
 METRICS = "metrics.json"
@@ -119,28 +118,41 @@ def predict_all(run, x, batch_size):
     )
 
 
-# What the exporters write that is not the model, fixed so that the same model always
-# gives the same bytes (as for the .keras file in stages/models.py): the SavedModel's
-# variable order (Keras collects them in an order that varies from run to run), the seeds
-# of layers that draw random numbers in training only, and its fingerprint's random UUID;
-# tf2onnx's generated names (counters that vary from run to run) and initializer order.
+# What the exporters write that is not the model is fixed here, so that the same model
+# always gives the same bytes (as for the .keras file in stages/models.py), by public means
+# only (docs/design.md, "Byte-identical exports"): the SavedModel's variables in the
+# model's own order, its fingerprint's random UUID, tf2onnx's generated names (counters
+# that vary from run to run) and its initializer order.
 
 
-@contextlib.contextmanager
-def ordered_saved_model_variables():
-    from keras.src.export import saved_model_export_archive as archive
+def serving_module(model):
+    """A tf.Module whose `serve` runs `model` on float32 (N, height, width, channels).
 
-    collect = archive._list_variables_used_by_fns
+    Keras' own `model.export` tracks the variables in the order its traced functions
+    capture them, which varies from run to run (and keeps each one twice); this module
+    tracks the model's weights in the model's order. Not `model.variables`: Dropout's
+    seed state is unused in serving."""
+    import tensorflow as tf
 
-    def ordered(fns):
-        trainable, other = collect(fns)
-        return sorted(trainable, key=lambda v: v.name), sorted(other, key=lambda v: v.name)
+    module = tf.Module()
+    module.weights = [weight.value for weight in model.weights]  # its tf.Variables, in order
+    (images,) = model.inputs
+    spec = tf.TensorSpec((None, *images.shape[1:]), tf.float32, name=images.name)
+    module.serve = tf.function(
+        lambda x: model(x, training=False), input_signature=[spec], autograph=False
+    )
+    return module
 
-    archive._list_variables_used_by_fns = ordered
-    try:
-        yield
-    finally:
-        archive._list_variables_used_by_fns = collect
+
+def write_saved_model(model, saved_model):
+    """`model` as a SavedModel with Keras' endpoint `serve`, also as TF Serving's
+    `serving_default`; its fingerprint's UUID is its checksum, not a random one."""
+    import tensorflow as tf
+
+    module = serving_module(model)
+    signatures = {"serve": module.serve, "serving_default": module.serve}
+    tf.saved_model.save(module, str(saved_model), signatures=signatures)
+    fix_fingerprint(saved_model)
 
 
 def fix_fingerprint(saved_model):
@@ -206,11 +218,8 @@ def export(trained, dataset, saved_model, onnx_file, x, labels, p):
     """Writes the float32 copy of `trained` as a SavedModel and an ONNX file, both with
     `dataset` (its name, classes, preparation), runs all formats on (x, labels) and checks
     parity; returns the metrics dict."""
-    keras.utils.set_random_seed(0)  # Dropout's seed state is saved, though unused in serving
     model = float32_copy(trained)
-    with ordered_saved_model_variables():
-        model.export(str(saved_model), format="tf_saved_model", verbose=False)
-    fix_fingerprint(saved_model)
+    write_saved_model(model, saved_model)
     extra = Path(saved_model) / "assets.extra"  # TF Serving's place for what the graph ignores
     extra.mkdir()
     write_json(extra / "dataset.json", dataset)

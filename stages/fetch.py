@@ -7,8 +7,11 @@ Reads   params.yaml `fetch` and SOURCE, one of
         - a folder of labelled images, one sub-folder per class (<class>/<image>), or
           train/<class>/<image> and test/<class>/<image>: every image is decoded, checked
           and resized to fetch.image_size with fetch.channels channels (stages/images.py).
+        and FEEDBACK, a folder of corrections laid out as <class>/<image> (stages/feedback.py):
+        an empty one, the default, holds none.
 Writes  OUT/dataset.json (name, class names, how an upload is prepared, the file of each
-        split) and OUT's IDX files, all or none.
+        split) and OUT's IDX files, all or none; with feedback, also the IDX files of its
+        feedback_train and feedback_test parts.
 
 A folder without train/ and test/ is split by class (stratified) with fetch.test_split and
 fetch.seed; its training images are stored in a seeded random order, so that prepare's
@@ -32,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
-from stages import images, params
+from stages import feedback, images, params
 from stages.common import PipelineError, atomic_dir, run_cli, write_json
 
 Side = Annotated[int, Field(ge=1, le=1024)]
@@ -44,6 +47,7 @@ class Params(params.Section):
     untracked = ("timeout_s",)
 
     source: str = Field(min_length=1)  # a dataset description (.yaml) or a folder of images
+    feedback: str = Field(min_length=1)  # a folder of corrections, <class>/<image>; empty: none
     # For a folder source only:
     image_size: tuple[Side, Side] = Field(strict=False)  # [height, width], in pixels
     channels: Literal[1, 3]  # 1 grey, 3 colour (RGB)
@@ -74,6 +78,10 @@ DATASET_FILE = "dataset.json"
 FOLDER_FILES = {
     "train": ("train-images.idx.gz", "train-labels.idx.gz"),
     "test": ("test-images.idx.gz", "test-labels.idx.gz"),
+}
+FEEDBACK_FILES = {
+    part: (f"{part.replace('_', '-')}-images.idx.gz", f"{part.replace('_', '-')}-labels.idx.gz")
+    for part in feedback.PARTS
 }
 CHUNK = 1 << 16
 
@@ -170,9 +178,10 @@ def mirror_list(description, env=None):
     return first + list(description.mirrors)
 
 
-def fetch_idx(description, mirrors, out_dir, timeout_s):
-    """Writes the description's four verified files and dataset.json to out_dir; leaves
-    out_dir untouched on failure. Returns {file name: mirror it came from}."""
+def fetch_idx(description, mirrors, out_dir, timeout_s, feedback_dir=None):
+    """Writes the description's four verified files and dataset.json to out_dir, and the
+    parts of `feedback_dir` when given; leaves out_dir untouched on failure. Returns
+    {file name: mirror it came from}."""
     names = [*description.train, *description.test]
     missing = [n for n in names if n not in description.checksums]
     if missing:
@@ -184,14 +193,40 @@ def fetch_idx(description, mirrors, out_dir, timeout_s):
             )
             for name in names
         }
-        write_info(
-            tmp,
-            description.name,
-            description.classes,
-            description.preparation,
-            {"train": description.train, "test": description.test},
-        )
+        files = {"train": description.train, "test": description.test}
+        if feedback_dir is not None:
+            shape = idx_shape(tmp / description.train[0])[1:]
+            shape = (*shape, 1) if len(shape) == 2 else shape  # (height, width, channels)
+            files |= write_feedback(
+                tmp, feedback_dir, description.classes, description.preparation, shape
+            )
+        write_info(tmp, description.name, description.classes, description.preparation, files)
     return sources
+
+
+def idx_shape(path):
+    """The dimensions a gzipped IDX file's header gives: (N, height, width[, channels])."""
+    with gzip.open(path, "rb") as f:
+        ndim = f.read(4)[3]
+        dims = f.read(4 * ndim)
+    return tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
+
+
+def write_feedback(out_dir, root, classes, preparation, shape):
+    """Writes the feedback folder's two parts (stages/feedback.py) as IDX files in out_dir;
+    returns their entries for dataset.json's files, none when the folder holds no image."""
+    parts = feedback.read_feedback(root, classes, preparation, shape)
+    if not sum(len(labels) for _, labels in parts.values()):
+        return {}
+    for part, (x, labels) in parts.items():
+        images_file, labels_file = FEEDBACK_FILES[part]
+        write_idx(Path(out_dir) / images_file, x)
+        write_idx(Path(out_dir) / labels_file, labels)
+    train, test = (len(parts[part][1]) for part in feedback.PARTS)
+    print(
+        f"fetch: {root}: {train + test} feedback images, {train} for training, {test} for testing"
+    )
+    return FEEDBACK_FILES
 
 
 def write_info(out_dir, name, classes, preparation, files):
@@ -349,7 +384,9 @@ def fetch_folder(root, out_dir, p):
             write_idx(tmp / images_file, x)
             write_idx(tmp / labels_file, labels)
             sizes[split] = len(labels)
-        write_info(tmp, str(root), classes, "resize", FOLDER_FILES)
+        shape = (*p.image_size, p.channels)
+        files = FOLDER_FILES | write_feedback(tmp, p.feedback, classes, "resize", shape)
+        write_info(tmp, str(root), classes, "resize", files)
     return classes, sizes
 
 
@@ -358,6 +395,12 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="directory for the dataset's IDX files")
     args = parser.parse_args(argv)
     p = params.load(Params)
+    if not Path(p.feedback).is_dir():
+        raise PipelineError(
+            f"fetch.feedback {p.feedback}: no such folder; name a folder of corrections "
+            "(`python -m tools.serve --collect data/feedback`, then `dvc add data/feedback`), "
+            "or data/no-feedback for none"
+        )
     source = Path(p.source)
     if source.is_dir():
         classes, sizes = fetch_folder(source, args.out, p)
@@ -367,7 +410,8 @@ def main(argv=None):
         )
     elif source.is_file():
         description = load_description(source)
-        sources = fetch_idx(description, mirror_list(description), args.out, p.timeout_s)
+        mirrors = mirror_list(description)
+        sources = fetch_idx(description, mirrors, args.out, p.timeout_s, p.feedback)
         for name, mirror in sources.items():
             print(f"fetch: {name} verified, from {mirror}")
     else:

@@ -3,7 +3,8 @@
 Reads   params.yaml `prepare` (train_size, validation_split, test_size) and RAW/ from
         fetch: dataset.json and the IDX files it names.
 Writes  OUT/{x,y}_{train,val,test}.npy and OUT/dataset.json in the format of
-        stages/dataset.py: images scaled to [0, 1] with a channel axis.
+        stages/dataset.py: images scaled to [0, 1] with a channel axis; when fetch wrote
+        feedback, also OUT/{x,y}_feedback_{train,test}.npy, whole (the sizes cut MNIST's).
 """
 
 import argparse
@@ -18,7 +19,7 @@ from pydantic import Field
 
 from stages import params
 from stages.common import PipelineError, run_cli
-from stages.dataset import save_prepared
+from stages.dataset import FEEDBACK_SPLITS, save_prepared
 
 
 class Params(params.Section):
@@ -147,8 +148,19 @@ def prepare(
     }
 
 
+def prepare_feedback(parts, num_classes):
+    """{part: (uint8 images, labels)} of fetch's feedback -> {"x_<part>": float32 images in
+    [0, 1], "y_<part>": labels}, scaled as the dataset's own images."""
+    arrays = {}
+    for part, (images, labels) in parts.items():
+        check_labels(labels, images, part, num_classes)
+        arrays |= {f"x_{part}": scale_images(images), f"y_{part}": labels}
+    return arrays
+
+
 def load_raw(raw_dir):
-    """Reads fetch's output: (info, [train images, train labels, test images, test labels])."""
+    """Reads fetch's output: (info, [train images, train labels, test images, test labels],
+    {feedback part: (images, labels)}, empty without feedback)."""
     raw_dir = Path(raw_dir)
     path = raw_dir / "dataset.json"
     try:
@@ -158,20 +170,20 @@ def load_raw(raw_dir):
         raise PipelineError(f"{path} not found; run `dvc repro fetch` first") from None
     except (json.JSONDecodeError, KeyError, AttributeError):
         raise PipelineError(f"{path} is not fetch's dataset.json; rerun fetch") from None
-    return info, read_arrays(raw_dir, files)
+    feedback = {part: read_pair(raw_dir, files[part]) for part in FEEDBACK_SPLITS if part in files}
+    return info, read_arrays(raw_dir, files), feedback
 
 
 def read_arrays(raw_dir, files):
     """[train images, train labels, test images, test labels] from the IDX files that
     `files` names ({"train": [images, labels], "test": [...]}) in raw_dir."""
-    arrays = []
-    for split in ("train", "test"):
-        images_file, labels_file = files[split]
-        arrays += [
-            read_idx(Path(raw_dir) / images_file, (3, 4)),
-            read_idx(Path(raw_dir) / labels_file, (1,)),
-        ]
-    return arrays
+    return [array for split in ("train", "test") for array in read_pair(raw_dir, files[split])]
+
+
+def read_pair(raw_dir, pair):
+    """(images, labels) from the IDX files that `pair` names in raw_dir."""
+    images_file, labels_file = (Path(raw_dir) / name for name in pair)
+    return read_idx(images_file, (3, 4)), read_idx(labels_file, (1,))
 
 
 def main(argv=None):
@@ -180,10 +192,12 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="directory for the .npy arrays")
     args = parser.parse_args(argv)
     p = params.load(Params)
-    info, raw = load_raw(args.raw)
+    info, raw, feedback = load_raw(args.raw)
     arrays = prepare(*raw, p.train_size, p.validation_split, p.test_size, len(info["classes"]))
+    arrays |= prepare_feedback(feedback, len(info["classes"]))
     save_prepared(arrays, info, args.out)
-    sizes = ", ".join(f"{s} {len(arrays['y_' + s])}" for s in ("train", "val", "test"))
+    splits = ("train", "val", "test", *feedback)
+    sizes = ", ".join(f"{s.replace('_', ' ')} {len(arrays['y_' + s])}" for s in splits)
     shape = "x".join(map(str, arrays["x_train"].shape[1:]))
     print(f"prepare: wrote {args.out} ({info['name']}, {shape}, {sizes})")
 

@@ -44,6 +44,8 @@ class Params(params.Section):
     jit_compile: Literal["auto", True, False]
     deterministic: bool
     distribute: Literal["auto", "none", "mirrored"]
+    # Each feedback training image this many times per epoch, shuffled in; none: not used.
+    feedback: Annotated[int, Field(ge=1)] | Literal["none"]
 
 
 params.check_early(__name__, Params)
@@ -55,7 +57,8 @@ from dvclive import Live
 from dvclive.utils import standardize_metric_name
 
 from stages import models
-from stages.dataset import load_info, load_prepared
+from stages.dataset import has_split, load_info, load_prepared
+from stages.machine import cpu_has_bf16
 
 FINGERPRINT = "fingerprint.json"
 
@@ -72,16 +75,6 @@ def list_gpus():
 
         return [str(d) for d in jax.devices() if d.platform == "gpu"]
     return []
-
-
-def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
-    """True when the CPU multiplies bfloat16 natively (AVX512_BF16 or AMX), so oneDNN runs
-    bf16 convolutions faster than float32 ones; elsewhere bf16 would be emulated, slower."""
-    try:
-        flags = Path(cpuinfo).read_text()
-    except OSError:  # not Linux: no cheap way to tell, so stay with float32
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def resolve_precision(setting, gpus, bf16_cpu):
@@ -115,15 +108,16 @@ def make_strategy(setting, gpus):
 
 
 def seed_everything(seed, deterministic):
-    keras.utils.set_random_seed(seed)  # Python, NumPy and backend RNGs
-    if keras.backend.backend() == "tensorflow":
-        # Process-wide: set both ways, so that one process can train with and without.
-        from tensorflow.python.framework import config  # tf.config can only enable it
+    """Seeds every RNG; with `deterministic`, turns on TensorFlow's deterministic ops.
 
-        if deterministic:
-            config.enable_op_determinism()
-        else:
-            config.disable_op_determinism()
+    Those stay on for the rest of the process: TensorFlow has no public switch back, and a
+    stage trains once per process. A later `deterministic=False` in the same process (a
+    benchmark's second run) still gets them."""
+    keras.utils.set_random_seed(seed)  # Python, NumPy and backend RNGs
+    if deterministic and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
 
 
 def with_recipe(p):
@@ -289,6 +283,33 @@ def restore_history(checkpoint_dir, live_dir, epochs_done):
             rows[rows["step"] <= epochs_done].to_csv(tsv, sep="\t", index=False)
 
 
+def load_feedback(prepared_dir):
+    """The prepared feedback training part: {"x_feedback_train", "y_feedback_train"}."""
+    if not has_split(prepared_dir, "feedback_train"):
+        raise PipelineError(
+            f"train.feedback is set but {prepared_dir} holds no feedback; set fetch.feedback to "
+            "a folder of corrections (docs/feedback.md) or train.feedback: none"
+        )
+    return load_prepared(prepared_dir, splits=("feedback_train",))
+
+
+def with_feedback(data, feedback, repeat):
+    """data with each feedback training image `repeat` times after its training images
+    (oversampling); fit shuffles them all in every epoch. Validation stays the dataset's."""
+    x, y = feedback["x_feedback_train"], feedback["y_feedback_train"]
+    if not len(y):
+        raise PipelineError(
+            "train.feedback is set but the feedback training part is empty; file more "
+            "corrections or set train.feedback: none"
+        )
+    print(f"train: {len(y)} feedback training images, each {repeat} times per epoch")
+    return {
+        **data,
+        "x_train": np.concatenate([data["x_train"], np.repeat(x, repeat, axis=0)]),
+        "y_train": np.concatenate([data["y_train"], np.repeat(y, repeat)]),
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="directory of prepared .npy arrays")
@@ -298,6 +319,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     p = params.load(Params)
     data = load_prepared(args.data, splits=("train", "val"))
+    if p.feedback != "none":
+        data = with_feedback(data, load_feedback(args.data), p.feedback)
     info = load_info(args.data)
     fp = fingerprint(with_recipe(p), data)
     resume = can_resume(args.checkpoint, fp)

@@ -1,10 +1,18 @@
 """Shared test helpers: the project root, params files with overrides, tiny datasets."""
 
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
+import socket
+import struct
 import subprocess
 import sys
+import tempfile
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +79,7 @@ PROJECT_FILES = [
     ".dvcignore",
     ".ci",
     *(f"data/{name}.yaml" for name in ("mnist", "fashion-mnist", "kmnist")),
+    "data/no-feedback",  # fetch.feedback's default: an empty folder
 ]
 
 
@@ -117,6 +126,71 @@ def export_onnx(model, path, dataset=None):
     model.export(str(path), format="onnx", verbose=False)
     fix_onnx(path, dataset or MNIST_INFO)
     return path
+
+
+def png_bytes(image, format="PNG", **options):
+    """A PIL image encoded as `format` (PNG, JPEG, ...), with the encoder's options."""
+    buffer = io.BytesIO()
+    image.save(buffer, format, **options)
+    return buffer.getvalue()
+
+
+def png_header_only(width, height):
+    """A PNG that claims width x height 8-bit grey pixels but holds 100 bytes of data:
+    decoding it in full would need width * height bytes, and would find it truncated."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+        + chunk(b"IEND", b"")
+    )
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(model=None, cwd=ROOT, timeout_s=120, args=()):
+    """`python -m tools.serve` on a free port of 127.0.0.1, as a user starts it (the
+    server's default model unless `model`; more flags in `args`): (process, URL) once it
+    answers /health."""
+    port = free_port()
+    command = [sys.executable, "-m", "tools.serve", "--port", str(port), *map(str, args)]
+    command += ["--model", str(model)] if model is not None else []
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    with tempfile.TemporaryFile("w+") as log:  # a pipe nobody reads would block the server
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not answers_health(url):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise AssertionError(f"the server did not answer /health:\n{log.read()}")
+                time.sleep(0.2)
+            yield process, url
+        finally:
+            process.kill()
+            process.wait()
+
+
+def answers_health(url):
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def make_prepared(out_dir, n_train=96, n_val=32, n_test=64, seed=0):
@@ -176,23 +250,23 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(autouse=True)
 def fresh_backend_state():
     """train_model sets process-wide state: Keras' dtype policy (mixed_bfloat16 on this
-    CPU), TensorFlow's op determinism, the global seeds. Puts each back after every test,
-    so that no test depends on which ran before it in its process (`make test` spreads the
-    tests over processes in an order that varies)."""
+    CPU), the global seeds. Puts each back after every test, so that no test depends on
+    which ran before it in its process (`make test` spreads the tests over processes in an
+    order that varies). TensorFlow's deterministic ops stay on once a test turned them on
+    (no public switch back), so every test that trains in this process keeps params.yaml's
+    train.deterministic: true; one that trains without runs the stage apart (run_stage)."""
     yield
     if "keras" in sys.modules:  # never imports Keras for a test that did not
         keras = sys.modules["keras"]
         keras.mixed_precision.set_dtype_policy("float32")
         keras.backend.clear_session()
-    if "tensorflow" in sys.modules:
-        from tensorflow.python.framework import config  # its public API can only enable
-
-        config.disable_op_determinism()
 
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """An empty directory as the working directory, as DVC runs stages from the root."""
+    """An empty directory as the working directory, as DVC runs stages from the root, with
+    the empty feedback folder that fetch.feedback names by default, as a clone has it."""
+    (tmp_path / "data" / "no-feedback").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -319,3 +393,80 @@ def copy_reproduced(reproduced, dest):
     """A copy of the reproduced project at dest: files, git history and DVC cache."""
     shutil.copytree(reproduced[0], dest, symlinks=True)
     return Path(dest)
+
+
+# --- a team's S3 remote and machines, for the tests that share through it ------------------
+
+BIN = Path(sys.executable).parent
+RCLONE = shutil.which("rclone", path=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+# rclone answers InvalidAccessKeyId to access key IDs shorter than 3 characters.
+KEY, SECRET = "mnist-team", "mnist-team-secret"
+BUCKET = "mnist"
+
+
+def start_s3(store, *flags):
+    """Starts `rclone serve s3` over the directory `store` (its subdirectories are the
+    buckets); returns the process and its endpoint URL once it accepts connections."""
+    port = free_port()
+    log = (Path(store).parent / f"rclone-{port}.log").open("w")
+    auth = ["--auth-key", f"{KEY},{SECRET}"]
+    cmd = [RCLONE, "serve", "s3", "--addr", f"127.0.0.1:{port}", *auth, *flags, str(store)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"http://127.0.0.1:{port}"
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"rclone serve s3 did not start:\n{Path(log.name).read_text()}")
+
+
+def stop_s3(proc):
+    proc.kill()  # SIGKILL: a crash. SIGTERM lets rclone finish the uploads in flight.
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """One S3 server for the module, with an empty bucket; yields (store dir, endpoint)."""
+    store = tmp_path_factory.mktemp("s3") / "store"
+    (store / BUCKET).mkdir(parents=True)
+    proc, endpoint = start_s3(store)
+    yield store, endpoint
+    stop_s3(proc)
+
+
+def set_credentials(repo, remote="storage", key=KEY, secret=SECRET):
+    """Credentials go to .dvc/config.local, which git never carries."""
+    sh(repo, "dvc", "remote", "modify", "--local", remote, "access_key_id", key)
+    sh(repo, "dvc", "remote", "modify", "--local", remote, "secret_access_key", secret)
+
+
+def clone(origin, dest, credentials=True):
+    """Another machine: a clone of origin, with the team's credentials unless told not."""
+    sh(dest.parent, "git", "clone", "-q", str(origin), str(dest))
+    git_identity(dest)
+    if credentials:
+        set_credentials(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def machine_a(tmp_path_factory, reproduced, s3):
+    """Machine A: the reproduced tiny project with the team's remote committed, git pushed
+    to a bare origin and data to the S3 remote. Returns (A's path, origin's path)."""
+    _, endpoint = s3
+    base = tmp_path_factory.mktemp("machines")
+    origin = base / "origin.git"
+    sh(base, "git", "init", "-q", "--bare", "-b", "main", str(origin))
+    repo = copy_reproduced(reproduced, base / "a")
+    # The team's remote is committed; the credentials are not.
+    sh(repo, "dvc", "remote", "add", "-d", "storage", f"s3://{BUCKET}/dvc")
+    sh(repo, "dvc", "remote", "modify", "storage", "endpointurl", endpoint)
+    set_credentials(repo)
+    commit(repo, "team remote")
+    sh(repo, "git", "remote", "add", "origin", str(origin))
+    sh(repo, "git", "push", "-q", "origin", "main")
+    assert re.search(r"^\d+ files pushed$", sh(repo, "dvc", "push"), re.M)
+    return repo, origin

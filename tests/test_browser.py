@@ -7,6 +7,7 @@ accuracy, about 10 s of training on 2 cores).
 DRAW_A_DIGIT_SCREENSHOT=docs/draw-a-digit.png keeps the last screenshot (the README's).
 """
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -16,13 +17,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import serve_load
 from stages import params, prepare, train
 from stages.common import write_json
 from stages.export import float32_copy
 from stages.models import save_model
 from stages.train import train_model
-from tests.conftest import HAVE_MNIST, MNIST_INFO, ROOT, export_onnx, mnist_arrays, write_params
+from tests.conftest import (
+    HAVE_MNIST,
+    MNIST_INFO,
+    ROOT,
+    export_onnx,
+    mnist_arrays,
+    served,
+    write_params,
+)
 from tools.paths import dvc_var
 
 # Debian's package (Playwright's own browser download needs the internet); CI may name
@@ -86,9 +94,8 @@ def project(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(project):
-    process, url = serve_load.start_server(cwd=project[0])  # the default model
-    yield url
-    serve_load.stop_server(process)
+    with served(cwd=project[0]) as (_, url):  # the default model
+        yield url
 
 
 @pytest.fixture
@@ -170,3 +177,56 @@ def test_a_blank_canvas_shows_the_servers_message(server, page):
     page.evaluate("send()")  # what a stroke triggers, here on the untouched black canvas
     expect(page.locator("#status")).to_have_text("no digit found")
     assert page.locator("#digit").inner_text() == "–"
+
+
+def canvas_png(page):
+    """The canvas as the page sends it to /predict: its PNG bytes."""
+    script = """new Promise((done) => canvas.toBlob(async (blob) =>
+        done(Array.from(new Uint8Array(await blob.arrayBuffer()))), "image/png"))"""
+    return bytes(page.evaluate(script))
+
+
+@pytest.fixture(scope="module")
+def collecting_server(project, tmp_path_factory):
+    """The same project's server, filing corrections in a folder of its own: (URL, folder)."""
+    folder = tmp_path_factory.mktemp("collected") / "feedback"
+    with served(cwd=project[0], args=("--collect", folder)) as (_, url):
+        yield url, folder
+
+
+def test_the_page_files_right_answers_and_corrections_in_their_class_folders(
+    collecting_server, server, page
+):
+    from playwright.sync_api import expect
+
+    url, folder = collecting_server
+    page.goto(url)
+    expect(page.locator("#feedback")).to_be_hidden()  # no answer yet
+    draw(page, STROKES["7"])
+    shows(page, "7")
+    expect(page.locator("#labels button")).to_have_count(10)
+    page.click("#right")
+    expect(page.locator("#filed")).to_have_text("filed as 7, thank you")
+    expect(page.locator("#right")).to_be_disabled()
+    [seven] = (folder / "7").iterdir()
+    # The file is the image whose answer the page showed: the canvas, as /predict got it.
+    assert seven.read_bytes() == canvas_png(page)
+    assert seven.name == f"{hashlib.sha256(seven.read_bytes()).hexdigest()}.png"
+
+    # A 4 drawn open at the top, corrected through "wrong, it is: 4" whatever it was read as.
+    page.click("#clear")
+    expect(page.locator("#feedback")).to_be_hidden()
+    draw(page, [[(95, 40), (75, 170), (215, 170)], [(175, 60), (170, 240)]])
+    expect(page.locator("#feedback")).to_be_visible(timeout=20_000)
+    page.wait_for_timeout(500)  # the last throttled answer
+    page.locator("#labels button", has_text="4").click()
+    expect(page.locator("#filed")).to_have_text("filed as 4, thank you")
+    [four] = (folder / "4").iterdir()
+    assert four.read_bytes() == canvas_png(page)
+    assert sorted(p.name for p in folder.iterdir()) == ["4", "7"]
+
+    # A server started without --collect: no buttons, whatever the answer.
+    page.goto(server)
+    draw(page, STROKES["7"])
+    shows(page, "7")
+    expect(page.locator("#feedback")).to_be_hidden()

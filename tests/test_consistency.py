@@ -74,8 +74,10 @@ def check_deps(stages):
             problems.append(
                 f"{stage}: code deps {sorted(code)} but it runs {sorted(code_of(stage))}"
             )
-        # The pipeline's one input: the dataset that fetch.source names, fetch's alone.
-        source = {PARAMS["fetch"]["source"]} if stage == "fetch" else set()
+        # The pipeline's inputs: the dataset that fetch.source names and the feedback folder
+        # of fetch.feedback, fetch's alone.
+        inputs = {PARAMS["fetch"]["source"], PARAMS["fetch"]["feedback"]}
+        source = inputs if stage == "fetch" else set()
         for data in set(deps) - code:
             if data not in earlier | source:
                 problems.append(f"{stage}: {data} is no output of an earlier stage")
@@ -104,7 +106,7 @@ def test_each_stage_depends_on_its_code_its_data_and_its_output_changing_params(
 def test_a_stray_or_missing_dependency_is_caught():
     stray = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     stray["train"]["deps"].append("stages/figures.py")  # evaluate's, not train's
-    stray["export"]["deps"].remove("tools/inference.py")
+    stray["export"]["deps"].remove("stages/inference.py")
     stray["fetch"]["params"].append("fetch.timeout_s")  # checksums decide: cannot change it
     stray["evaluate"]["deps"].append("data/nowhere")
     stray["prepare"]["deps"].append("${fetch.source}")  # fetch's input, not prepare's
@@ -116,7 +118,10 @@ def test_a_stray_or_missing_dependency_is_caught():
         "evaluate",
         "export",
     ]
-    fetch_params = "fetch.source, fetch.image_size, fetch.channels, fetch.test_split, fetch.seed"
+    fetch_params = (
+        "fetch.source, fetch.feedback, fetch.image_size, fetch.channels, fetch.test_split, "
+        "fetch.seed"
+    )
     assert f"fetch: params [{fetch_params}, fetch.timeout_s], expected [{fetch_params}]" in [
         p.replace("'", "") for p in problems
     ]

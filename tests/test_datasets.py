@@ -22,6 +22,8 @@ from tests.conftest import (
     extras,
     git_identity,
     mnist_arrays,
+    png_bytes,
+    png_header_only,
     run_stage,
     sh,
     write_params,
@@ -191,6 +193,17 @@ def test_a_colour_folder_is_resized_and_names_its_classes(workdir):
             "set fetch.channels: 3",
         ),
         (
+            {
+                "cats/a.png": PIXELS[0],
+                "cats/b.png": PIXELS[0],
+                "dogs/c.png": png_header_only(10_000, 10_000),  # 100 MP claimed in 150 bytes
+                "dogs/d.png": PIXELS[0],
+            },
+            {"fetch__test_split": 0.5},
+            "{root}/dogs/c.png: too large (10000x10000 pixels; the limit is 40 megapixels); "
+            "remove it or replace it by an image",
+        ),
+        (
             {"a/x.png": PIXELS[0], "a/y.png": PIXELS[0], "b/z.png": PIXELS[0]},
             {},
             "{root}/b: 1 image; holding out fetch.test_split of each class needs 2 or more; add "
@@ -220,6 +233,7 @@ def test_a_colour_folder_is_resized_and_names_its_classes(workdir):
         "not an image",
         "mixed",
         "channels",
+        "too large",
         "too small",
         "classes differ",
         "stray file",
@@ -233,6 +247,31 @@ def test_each_bad_folder_is_one_line_and_writes_nothing(workdir, layout, params,
     assert result.stderr.strip().splitlines()[-1] == "Error: " + message.format(root=root)
     assert not (workdir / "raw").exists()
     assert [p.name for p in workdir.iterdir() if p.name.startswith(".raw")] == []
+
+
+def test_photos_stored_sideways_are_fetched_upright_as_their_exif_orientation_says(workdir):
+    """A phone stores a photo as its sensor saw it and tags how to turn it for display:
+    fetch turns it as predict does (stages/images.py), so it is upright in training too."""
+    upright = np.zeros((8, 6), np.uint8)
+    upright[:4, :3] = 255  # the top-left quarter white: each turn or mirror of it differs
+    layout = {}
+    # Orientation 6: turn 90 degrees clockwise to display; 8: counter-clockwise.
+    for tag, stored in ((6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270)):
+        exif = Image.Exif()
+        exif[0x0112] = tag
+        sideways = Image.fromarray(upright).transpose(stored)  # 8 wide, 6 tall
+        for name in ("a", "b"):
+            layout[f"train/{name}/{tag}.png"] = png_bytes(sideways, "PNG", exif=exif.tobytes())
+            layout[f"test/{name}/{tag}.jpg"] = png_bytes(
+                sideways, "JPEG", exif=exif.tobytes(), quality=95
+            )
+    folder(workdir / "images", layout)
+    fetched(workdir, workdir / "images", fetch__image_size=[8, 6], prepare__validation_split=0.0)
+    x_train, x_test = (np.load(workdir / "prepared" / f"x_{k}.npy") for k in ("train", "test"))
+    assert x_train.shape == x_test.shape == (4, 8, 6, 1)
+    want = prepare.scale_images(np.stack([upright] * 4))
+    assert np.array_equal(x_train, want)  # PNG: exactly
+    assert np.abs(x_test - want).max() < 0.05  # JPEG: within its artefacts
 
 
 def test_a_source_that_is_neither_file_nor_folder_is_one_line(workdir):

@@ -367,3 +367,15 @@ def test_set_params_edits_one_key_of_one_section_and_keeps_its_comment(tmp_path)
     with pytest.raises(PipelineError) as e:
         set_params(params, {"train.seed": 1})
     assert str(e.value) == f"{params}: no key train.seed"
+
+
+def test_set_params_writes_floats_that_pyyaml_reads_as_floats(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("export:\n  tolerance: 1.0e-4  # max\n  batch_size: 1000\n")
+    set_params(params, {"export.tolerance": 1e-9, "export.batch_size": 500})
+    assert yaml.safe_load(params.read_text()) == {"export": {"tolerance": 1e-9, "batch_size": 500}}
+
+
+def test_the_readme_stays_short_and_the_benchmarks_page_a_reference():
+    assert len(README.read_text().splitlines()) < 220
+    assert len((ROOT / "docs" / "benchmarks.md").read_text().splitlines()) <= 250

@@ -1,4 +1,4 @@
-"""tools/inference.py: the ONNX session and runner, on a graph written here by hand (no
+"""stages/inference.py: the ONNX session and runner, on a graph written here by hand (no
 Keras), and the one-line errors for a missing or damaged file."""
 
 import subprocess
@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from stages import inference
 from stages.common import PipelineError
 from tests.conftest import ROOT
-from tools import inference
 
 
 def softmax_graph(path):
@@ -68,7 +68,7 @@ def test_missing_and_damaged_files_are_one_line_errors(tmp_path):
 
 
 def test_importing_it_imports_no_tensorflow():
-    code = "import sys, tools.inference; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
+    code = "import sys, stages.inference; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )

@@ -88,6 +88,8 @@ def test_the_committed_params_are_valid():
         ),
         ("train", "deterministic", "yes", "train.deterministic must be true or false, got 'yes'"),
         ("train", "seed", "3", "train.seed must be an integer >= 0, got '3'"),
+        ("train", "feedback", 0, "train.feedback must be an integer >= 1 or none, got 0"),
+        ("fetch", "feedback", "", "fetch.feedback must be a non-empty string, got ''"),
     ],
 )
 def test_invalid_values_name_the_key_and_what_is_allowed(name, key, value, message):
@@ -117,7 +119,7 @@ def test_every_bad_key_is_named_at_once_in_one_line():
         "params.yaml: train.seed must be an integer >= 0, got -1; "
         "train.epochs must be an integer >= 1 or preset, got 0; "
         "unknown key train.momentum; allowed keys: model, seed, epochs, batch_size, "
-        "learning_rate, mixed_precision, jit_compile, deterministic, distribute"
+        "learning_rate, mixed_precision, jit_compile, deterministic, distribute, feedback"
     )
 
 

@@ -16,8 +16,7 @@ from PIL import Image
 
 from stages import models
 from stages.common import PipelineError
-from tests.conftest import HAVE_MNIST, MNIST_INFO, MNIST_MIRROR, ROOT, export_onnx
-from tests.test_preprocess import png_bytes, png_header_only
+from tests.conftest import MNIST_INFO, ROOT, export_onnx, png_bytes, png_header_only
 from tools import predict
 
 WEIGHT = 0.1  # logit per lit pixel that matches a template
@@ -101,6 +100,23 @@ def test_keras_model_gives_the_same_answers(model_files, tmp_path, capsys):
     one = bar_png(tmp_path / "one.gif", format="GIF")
     predict.main([str(one), "--model", str(model_files / "data/model/model.keras")])
     assert capsys.readouterr().out == f"{one}: 1 ({ONE}\n"
+
+
+@pytest.mark.parametrize("format", ["JPEG", "PNG"])
+def test_a_photo_stored_sideways_is_read_upright_from_its_exif(model_files, tmp_path, format):
+    """The pixels of a horizontal bar (a 7), tagged by the camera as turned: upright, a 1."""
+    pixels = np.full((60, 60), 255, np.uint8)
+    pixels[26:34, 10:50] = 0
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to display
+    stored = Image.fromarray(pixels)
+    (tmp_path / "tagged").write_bytes(png_bytes(stored, format, exif=exif.tobytes()))
+    (tmp_path / "untagged").write_bytes(png_bytes(stored, format))
+    onnx = model_files / "data/export/model.onnx"
+    result = cli("tagged", "untagged", "--model", onnx, cwd=tmp_path)
+    assert (result.returncode, result.stderr.decode()) == (0, "")
+    answers = [line.split(" (")[0] for line in result.stdout.decode().splitlines()]
+    assert answers == ["tagged: 1", "untagged: 7"]  # JPEG's artefacts move the probabilities
 
 
 def test_each_bad_file_gets_one_line_and_the_others_are_still_predicted(model_files, tmp_path):
@@ -257,31 +273,3 @@ def test_number_reads_a_row_left_to_right_with_each_digits_probability(model_fil
     assert [d["runner_up"]["class"] for d in row["digits"]] == ["7", "1"]
     for d in row["digits"]:
         assert d["probability"] == pytest.approx(np.exp(8) / total, abs=1e-6)
-
-
-@pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present")
-def test_real_world_benchmark_prints_a_row_per_condition(model_files, tmp_path):
-    from bench import predict_real_world as bench
-
-    onnx = model_files / "data/export/model.onnx"
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.predict_real_world", "--n", "6", "--samples", "1"),
-            *("--model", str(onnx), "--raw", str(MNIST_MIRROR), "--out", str(tmp_path)),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    names = ["raw 28x28 test images", *bench.PAPER, bench.ROW]
-    table = json.loads((tmp_path / "predict_real_world.json").read_text())["table"]
-    assert [row["condition"] for row in table] == names
-    assert [row["images"] for row in table] == [6] * (len(names) - 1) + [2]
-    lines = result.stdout.splitlines()
-    assert [line[:40].rstrip() for line in lines[2 : 2 + len(names)]] == names
-    samples = sorted(p.name for p in (tmp_path / "samples").iterdir())
-    assert len(samples) == len(names) - 1  # one per condition
-    assert "jpeg-q30-60-0.jpg" in samples and "ruled-paper-0.png" in samples

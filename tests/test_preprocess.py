@@ -1,44 +1,18 @@
-"""MNIST-style preprocessing on hand-made images, and the refusal of bad image files."""
+"""MNIST-style preprocessing on hand-made images, however they are cropped; the one reader
+of image files (stages/images.py) and its refusal of bad ones."""
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from bench import predict_real_world as real_world
-from tests.conftest import HAVE_MNIST, mnist_arrays
-from tools import preprocess
+from stages import images, preprocess
+from tests.conftest import png_bytes, png_header_only
 
 
 def canvas(height, width, background=255):
     return np.full((height, width), background, np.uint8)
-
-
-def png_bytes(image, format="PNG", **options):
-    buffer = io.BytesIO()
-    image.save(buffer, format, **options)
-    return buffer.getvalue()
-
-
-def png_header_only(width, height):
-    """A PNG that claims width x height 8-bit grey pixels but holds 100 bytes of data:
-    decoding it in full would need width * height bytes, and would find it truncated."""
-
-    def chunk(kind, data):
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 100))
-        + chunk(b"IEND", b"")
-    )
 
 
 def ones_at(rows, cols):
@@ -150,6 +124,7 @@ def test_read_image_turns_a_photo_upright_from_its_exif_orientation():
     [
         (b"hello, world\n", "f: not a PNG, JPEG, BMP, GIF or WebP image"),
         (b"", "f: not a PNG, JPEG, BMP, GIF or WebP image"),
+        (png_bytes(Image.new("L", (40, 40)), "TIFF"), "f: not a PNG, JPEG, BMP, GIF or WebP image"),
         (png_bytes(Image.new("L", (1, 1))), "f: too small (1x1 pixels; at least 8x8)"),
         (png_bytes(Image.new("L", (40, 7))), "f: too small (40x7 pixels; at least 8x8)"),
         (
@@ -183,6 +158,40 @@ def test_a_bomb_under_the_limit_of_pil_is_refused_before_decoding(monkeypatch):
     with pytest.raises(preprocess.BadImage):
         preprocess.read_image(png_header_only(8_000, 6_000), "bomb.png")  # 48 MP, PIL allows it
     assert decoded == []
+
+
+def decoded(image, format="PNG", **options):
+    """(mode, pixels) of what the one reader makes of `image` saved as `format`."""
+    image = images.open_image(png_bytes(image, format, **options))
+    return image.mode, np.asarray(image).tolist()
+
+
+def test_the_one_reader_gives_grey_or_colour_whatever_the_files_mode():
+    greys = Image.fromarray(np.array([[0, 128], [255, 64]], np.uint8))
+    assert decoded(greys.convert("P"), "GIF") == ("L", [[0, 128], [255, 64]])  # grey palette
+    colours = Image.fromarray(np.array([[[255, 0, 0], [0, 0, 255]]], np.uint8))
+    assert decoded(colours.convert("P")) == ("RGB", [[[255, 0, 0], [0, 0, 255]]])
+    # 16 bits: value / 257 (Pillow's own convert("L") clips: 0, 255, 255).
+    sixteen = Image.fromarray(np.array([[0, 257 * 100, 65535]], np.uint16))
+    assert decoded(sixteen) == ("L", [[0, 100, 255]])
+    cmyk = Image.frombytes("CMYK", (2, 1), bytes([0, 0, 0, 0, 0, 255, 255, 0]))  # white, red
+    assert decoded(cmyk, "TIFF") == ("RGB", [[[255, 255, 255], [255, 0, 0]]])
+
+
+def test_transparent_pixels_become_the_background_the_visible_strokes_need():
+    # A black stroke and a transparent pixel (hidden grey 9): white paper behind it.
+    dark = Image.fromarray(np.array([[[0, 255], [9, 0]]], np.uint8), "LA")
+    assert decoded(dark) == ("L", [[0, 255]])
+    # A light stroke on a transparent dark-themed canvas: black behind it.
+    light = Image.fromarray(np.array([[[250, 250, 250, 255], [9, 9, 9, 0]]], np.uint8), "RGBA")
+    assert decoded(light) == ("RGB", [[[250, 250, 250], [0, 0, 0]]])
+
+
+def test_an_animation_is_read_as_its_first_frame():
+    first, second = Image.new("L", (8, 8), 30), Image.new("L", (8, 8), 220)
+    data = png_bytes(first, "GIF", save_all=True, append_images=[second], duration=100)
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    assert np.asarray(images.open_image(data)).tolist() == [[30] * 8] * 8
 
 
 def block_on(pixels):
@@ -253,22 +262,26 @@ def test_a_row_gives_one_frame_per_digit_left_to_right():
         preprocess.row_to_mnist(Image.fromarray(canvas(100, 200)))
 
 
-@pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present")
-@pytest.mark.parametrize("condition", [*real_world.PAPER, real_world.ROW])
-def test_each_photo_condition_gives_back_the_mnist_digits(condition):
-    """12 test digits photographed under `condition` (the benchmark's renderer): the prepared
-    frames match the original 28x28 digits pixel for pixel (correlation), as a model needs."""
-    digits = mnist_arrays()[2][:12]
-    rng = np.random.default_rng(7)
-    row = condition == real_world.ROW
-    effects = real_world.ROW_EFFECTS if row else real_world.PAPER[condition]
-    groups = digits.reshape(4, 3, 28, 28) if row else digits[:, None]
-    correlations = []
-    for group in groups:
-        data, _ = real_world.photograph(group, effects, rng)
-        image = preprocess.read_image(data, condition)
-        frames = preprocess.row_to_mnist(image) if row else preprocess.to_mnist(image)[None]
-        assert len(frames) == len(group)
-        for frame, digit in zip(frames, group, strict=True):
-            correlations.append(np.corrcoef(frame.ravel(), digit.ravel())[0, 1])
-    assert np.mean(correlations) > 0.85 and min(correlations) > 0.6, correlations
+def seven():
+    """A 7 cropped to its ink, 40 x 30: a bar along the top edge, a stroke down to the
+    bottom edge."""
+    pixels = canvas(40, 30)
+    pixels[:6] = 0
+    rows, cols = np.indices(pixels.shape)
+    pixels[(rows >= 6) & (np.abs(cols - (29 - 0.45 * (rows - 6))) < 3.5)] = 0
+    return pixels
+
+
+@pytest.mark.parametrize("light_on_dark", [False, True])
+def test_a_digit_cropped_tightly_or_touching_an_edge_reads_as_with_a_margin(light_on_dark):
+    one = canvas(40, 12)
+    one[:, 2:10] = 0  # a 1 filling its crop's height and most of its width
+    for digit in (seven(), one):
+        pixels = 255 - digit if light_on_dark else digit
+        paper = int(pixels[-1, 0])
+        margin = preprocess.to_mnist(Image.fromarray(np.pad(pixels, 12, constant_values=paper)))
+        assert margin.sum() > 50  # the digit, read whole
+        for edges in ((0, 0, 0, 0), (0, 12, 12, 12), (12, 12, 12, 0)):  # tight, one edge
+            top, bottom, left, right = edges
+            cut = np.pad(pixels, ((top, bottom), (left, right)), constant_values=paper)
+            assert np.array_equal(preprocess.to_mnist(Image.fromarray(cut)), margin), edges

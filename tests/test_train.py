@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import keras
@@ -194,6 +196,33 @@ def test_deterministic_runs_are_identical_and_seeds_matter(workdir):
     assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=False))
 
 
+# Whether TensorFlow's deterministic ops are on, by a public call that they refuse.
+DETERMINISM = """
+import sys, tensorflow as tf
+from stages import train
+train.seed_everything(0, deterministic=sys.argv[1] == "on")
+try:
+    tf.random.Generator.from_non_deterministic_state()
+    print("off")
+except RuntimeError:  # "cannot be called when determinism is enabled"
+    print("on")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_deterministic_turns_on_tensorflows_deterministic_ops(setting):
+    # In a process of its own: once on, they stay on for the rest of the process.
+    result = subprocess.run(
+        [sys.executable, "-c", DETERMINISM, setting],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout == f"{setting}\n"
+
+
 def test_precision_auto_picks_the_fast_type_per_device():
     assert (
         train.resolve_precision("auto", ["/physical_device:GPU:0"], bf16_cpu=False)
@@ -203,15 +232,6 @@ def test_precision_auto_picks_the_fast_type_per_device():
     assert train.resolve_precision("float32", [], bf16_cpu=True) == "float32"
     if keras.backend.backend() == "tensorflow":
         assert train.resolve_precision("auto", [], bf16_cpu=True) == "mixed_bfloat16"
-
-
-def test_cpu_bf16_detection_reads_the_flags(tmp_path):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
-    assert train.cpu_has_bf16(cpuinfo)
-    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f\n")
-    assert not train.cpu_has_bf16(cpuinfo)
-    assert not train.cpu_has_bf16(tmp_path / "missing")
 
 
 MIRRORED = """

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from stages import machine
 from stages.common import PipelineError, atomic_file, run_cli
 from tools.paths import set_params
 
@@ -177,16 +178,8 @@ def collect(scratch):
 def provenance(scratch):
     """One line naming the command, the commit and the machine the samples come from."""
     commit = scratch.run("git rev-parse --short main").strip()
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown CPU",
-    )
     command = "`python -m tools.docs_samples`"
-    return f"<sub>{command} on commit {commit}'s baseline; {cpu}, {os.cpu_count()} cores.</sub>"
+    return f"<sub>{command} on commit {commit}'s baseline; {machine.describe_cpu()}.</sub>"
 
 
 def rewrite_docs(samples, check, note=""):

@@ -23,6 +23,16 @@ def dvc_var(key, dvc_yaml="dvc.yaml"):
     raise PipelineError(f"{path}: no `{key}` in vars")
 
 
+def represent_float(representer, value):
+    """A float as YAML 1.1 reads it too: ruamel writes 1e-09, which PyYAML (the stages'
+    reader) takes for a string; 1.0e-09 is a float to both."""
+    text = repr(value)
+    if "e" in text and "." not in text.split("e")[0]:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+
 def set_params(path, updates):
     """Sets dotted keys of the params file at `path` ({"train.epochs": 1}) in place,
     keeping its comments and layout, as a user's edit or `dvc exp run -S` would. A key the
@@ -30,6 +40,7 @@ def set_params(path, updates):
     path = Path(path)
     yaml_rt = YAML()  # round-trip: comments, order and block/flow style survive
     yaml_rt.width = 4096  # never fold a long line
+    yaml_rt.representer.add_representer(float, represent_float)
     doc = yaml_rt.load(path.read_text())
     for key, value in updates.items():
         *parents, name = key.split(".")

@@ -1,35 +1,39 @@
 """Predict: which class each image is, from anyone's PNG, JPEG, BMP, GIF or WebP files.
 
     python -m tools.predict IMAGE... [--number] [--json] [--model PATH]   (`-`: stdin)
+    python -m tools.predict IMAGE... --label CLASS --collect DIR   (file a correction)
 
 Each image is prepared as the model's training images were, as the model records it: for
 a digit dataset (MNIST) a scan, a drawing or a photo of paper is prepared as MNIST's
-digits were (tools/preprocess.py); for any other, it is resized and scaled exactly as
+digits were (stages/preprocess.py); for any other, it is resized and scaled exactly as
 fetch and prepare did to every training image (stages/images.py). It is then classified by
 the exported ONNX model through onnxruntime when the export stage has written it (no
 TensorFlow import: fast start), else by the trained .keras model. Prints per file the
 class name, its probability and the runner-up; with --number (digit datasets), the digits
 of a row read left to right as one number, with each digit's probability. A bad file gets
 one `Error: FILE: reason` line on stderr and the others are still predicted; the exit
-code is 1 if any file failed.
+code is 1 if any file failed. With --label, each image that was read is also filed in the
+feedback folder DIR as a correction of class CLASS, as the page's buttons file it
+(tools/collect.py).
 """
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from stages import images
+from stages import images, preprocess
 from stages.common import PipelineError, run_cli
-from tools import preprocess
-from tools.inference import ONNX_FILE, REBUILD, onnx_dataset, onnx_runner, onnx_session
+from stages.inference import ONNX_FILE, REBUILD, onnx_dataset, onnx_runner, onnx_session
+from tools import collect
 from tools.paths import dvc_var
 
 
 class OnnxPredictor:
-    """The exported float32 graph, run by onnxruntime (tools/inference.py)."""
+    """The exported float32 graph, run by onnxruntime (stages/inference.py)."""
 
     def __init__(self, path):
         session = onnx_session(path)
@@ -95,7 +99,7 @@ def label(name):
 
 
 def is_digits(predictor):
-    """True when the model was trained on digits prepared as MNIST's (tools/preprocess.py)."""
+    """True when the model was trained on digits prepared as MNIST's (stages/preprocess.py)."""
     return predictor.dataset["preparation"] == "digits"
 
 
@@ -109,7 +113,7 @@ def model_input(predictor, data, name, number=False):
                 f"{predictor.dataset['name']}, not digits"
             )
         try:
-            image = images.open_image(data)
+            image = images.open_image(data, images.UPLOADS)
         except images.NotAnImage as e:
             raise preprocess.BadImage(f"{name}: {e}") from None
         height, width, channels = predictor.input_shape
@@ -172,6 +176,21 @@ def classify(predictor, names, stdin=None, number=False):
     return results
 
 
+def file_corrections(collector, names, results, class_name, stdin=None):
+    """Files every image that was read (a result without "error") as `class_name`; adds its
+    path to the result as "filed", or an "error" when it cannot be filed."""
+    for name, result in zip(names, results, strict=True):
+        if "error" in result:
+            continue
+        if stdin is not None:
+            stdin.seek(0)
+        try:
+            path, _ = collector.file(read_input(name, stdin), class_name)
+            result["filed"] = str(collector.folder / path)
+        except PipelineError as e:  # filed as another class, the folder full
+            result["error"] = f"{result['file']}: not filed: {e}"
+
+
 def format_line(result):
     if "number" in result:
         each = ", ".join(f"{d['class']} p={d['probability']:.3f}" for d in result["digits"])
@@ -192,17 +211,33 @@ def main(argv=None):
         action="store_true",
         help="read a row of separate digits, left to right (digit datasets)",
     )
+    parser.add_argument("--label", metavar="CLASS", help="file each image as this class")
+    parser.add_argument("--collect", metavar="DIR", help="the feedback folder --label files in")
     args = parser.parse_args(argv)
+    if args.label is not None and args.collect is None:
+        raise PipelineError("--label files the images in a feedback folder: give --collect DIR")
+    if args.label is not None and args.number:
+        raise PipelineError("--label files each image as one class; it cannot go with --number")
     predictor = load_predictor(args.model)
-    results = classify(predictor, args.images, number=args.number)
+    stdin = None
+    if args.label is not None:
+        collector = collect.Collector(args.collect, predictor.dataset["classes"])
+        collector.check_label(args.label)
+        if "-" in args.images:  # read twice: to predict and to file
+            stdin = io.BytesIO(sys.stdin.buffer.read())
+    results = classify(predictor, args.images, stdin, number=args.number)
+    if args.label is not None:
+        file_corrections(collector, args.images, results, args.label, stdin)
     if args.json:
         document = {"model": predictor.source, "classes": predictor.dataset["classes"]}
         print(json.dumps({**document, "results": results}, indent=2))
     for result in results:
+        if not args.json and ("class" in result or "number" in result):
+            print(format_line(result))
+        if not args.json and "filed" in result:
+            print(f"{result['file']}: filed as {args.label}: {result['filed']}")
         if "error" in result:
             print(f"Error: {result['error']}", file=sys.stderr)
-        elif not args.json:
-            print(format_line(result))
     if any("error" in r for r in results):
         sys.exit(1)
 

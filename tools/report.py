@@ -3,8 +3,9 @@
     python -m tools.report --base main [--out report.md]
 
 Runs `dvc metrics diff` (the headline metrics, and the per-class ones by name) and
-`dvc params diff` against BASE and writes OUT: a one-line verdict on test accuracy, the
-metric and param tables, and the evaluate stage's figures.
+`dvc params diff` against BASE and writes OUT: a one-line verdict on test accuracy (and on
+the feedback test accuracy, with feedback), the metric and param tables, and the evaluate
+stage's figures.
 This is what CI posts on a pull request. Fails if BASE has no test metrics.
 """
 
@@ -23,7 +24,8 @@ FIGURES = {  # title -> file name under the evaluate stage's plots/
     "Confusion matrix": "confusion.png",
     "Most confident mistakes": "errors.png",
 }
-HEADLINE = ("accuracy", "loss", "errors", "dtype_policy")  # always shown; others if they moved
+# Always shown (the feedback ones with feedback); others if they moved.
+HEADLINE = ("accuracy", "loss", "errors", "dtype_policy", "feedback.accuracy", "feedback.images")
 
 
 def dvc_json(*args):
@@ -55,6 +57,8 @@ def fmt_change(entry):
         return f"{diff:+.4f}"
     if isinstance(diff, int) and not isinstance(diff, bool):
         return f"{diff:+d}"
+    if entry.get("old") is None and entry.get("new") is not None:
+        return "new"
     return "changed" if entry.get("old") != entry.get("new") else ""
 
 
@@ -71,9 +75,20 @@ def verdict(metrics_diff, metrics_path, base):
     points = 100 * (new - old)
     direction = "up" if points > 0 else "down" if points < 0 else "unchanged"
     by = f" by {abs(points):.2f} pp" if points else ""
-    return (
+    line = (
         f"**Test accuracy {direction}{by}**: {100 * old:.2f}% → {100 * new:.2f}% (against `{base}`)"
     )
+    return line + feedback_verdict(metrics_diff.get(metrics_path, {}))
+
+
+def feedback_verdict(entries):
+    """'; feedback test accuracy 50.00% → 75.00% (12 images)', or '' without feedback."""
+    accuracy = entries.get("feedback.accuracy", {})
+    if accuracy.get("new") is None:
+        return ""
+    images = entries.get("feedback.images", {}).get("new")
+    change = f"{100 * accuracy['old']:.2f}% → " if accuracy.get("old") is not None else ""
+    return f"; feedback test accuracy {change}{100 * accuracy['new']:.2f}% ({images} images)"
 
 
 def table(rows, header):

@@ -1,6 +1,8 @@
 // Upload an image, or for a digit dataset draw on the canvas (white on black, as MNIST):
 // while drawing, POST the canvas as PNG to /predict at most every THROTTLE_MS, one
-// request at a time, and show the answer: the class and each class's probability.
+// request at a time, and show the answer: the class and each class's probability. When the
+// server collects corrections (--collect), offer "right" or "wrong, it is: <class>" after
+// each answer, and POST the image that answer was for to /feedback?label=<class>.
 "use strict";
 const THROTTLE_MS = 150;
 const dataset = JSON.parse(document.getElementById("app").dataset.dataset);
@@ -12,6 +14,10 @@ const digitEl = document.getElementById("digit");
 const statusEl = document.getElementById("status");
 const chart = document.getElementById("chart");
 const idle = drawable ? "draw a digit or upload an image" : "upload an image";
+const collecting = document.getElementById("app").dataset.collect === "on";
+const feedbackEl = document.getElementById("feedback");
+const filedEl = document.getElementById("filed");
+let shown = null; // {blob, label}: the image whose answer is on screen
 
 document.getElementById("title").textContent = drawable ? "Draw a digit" : `Classify an image: ${dataset.name}`;
 document.getElementById("hint").textContent = drawable
@@ -33,6 +39,43 @@ for (const name of dataset.classes) {
   col.title = name;
   chart.appendChild(col);
   cols.push(col);
+}
+
+const labelButtons = dataset.classes.map((name) => {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = name; // a folder's name: text, never markup
+  button.addEventListener("click", () => fileCorrection(name));
+  document.getElementById("labels").appendChild(button);
+  return button;
+});
+const feedbackButtons = [document.getElementById("right"), ...labelButtons];
+document.getElementById("right").addEventListener("click", () => fileCorrection(shown.label));
+
+function offerFeedback(answered) {
+  shown = answered;
+  feedbackEl.hidden = !collecting || !answered;
+  feedbackButtons.forEach((b) => { b.disabled = false; });
+  filedEl.textContent = "";
+}
+
+async function fileCorrection(label) {
+  if (!shown) return;
+  feedbackButtons.forEach((b) => { b.disabled = true; });
+  try {
+    const response = await fetch(`/feedback?label=${encodeURIComponent(label)}`, {
+      method: "POST", headers: { "Content-Type": shown.blob.type || "application/octet-stream" },
+      body: shown.blob,
+    });
+    const answer = await response.json();
+    filedEl.textContent = response.ok
+      ? (answer.new ? `filed as ${label}, thank you` : `filed as ${label} already`)
+      : answer.error;
+    if (!response.ok) feedbackButtons.forEach((b) => { b.disabled = false; });
+  } catch (e) {
+    filedEl.textContent = "server not reachable";
+    feedbackButtons.forEach((b) => { b.disabled = false; });
+  }
 }
 
 function showProbabilities(probs) {
@@ -76,10 +119,12 @@ async function predict(blob, sentFor) {
       digitEl.classList.toggle("word", answer.class.length > 2);
       statusEl.textContent = `${(100 * answer.probability).toFixed(1)}% sure, ${answer.ms.toFixed(1)} ms`;
       showProbabilities(answer.probabilities);
+      offerFeedback({ blob, label: answer.class });
     } else {
       digitEl.textContent = "–";
       statusEl.textContent = answer.error;
       showProbabilities(null);
+      offerFeedback(null);
     }
   } catch (e) {
     statusEl.textContent = "server not reachable";
@@ -100,6 +145,7 @@ document.getElementById("upload").addEventListener("change", (event) => {
   const file = event.target.files[0];
   if (!file) return;
   generation++; pending = false;
+  offerFeedback(null);
   if (preview.src) URL.revokeObjectURL(preview.src);
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
@@ -142,6 +188,7 @@ document.getElementById("clear").addEventListener("click", () => {
   digitEl.textContent = "–";
   statusEl.textContent = idle;
   showProbabilities(null);
+  offerFeedback(null);
 });
 
 clearCanvas();

@@ -1,60 +1,69 @@
-"""Turns anyone's digit image, a scan, a drawing or a photo of paper, into what the model
-was trained on, as MNIST itself was made.
+"""Turns anyone's digit image, a scan, a drawing, a crop or a photo of paper, into what
+the model was trained on, as MNIST itself was made.
 
-    read_image(data, name) -> PIL image            refuses what is not a sound, sensibly sized image
+    read_image(data, name) -> PIL image            the one reader (stages/images.py), and a
+                                                   side of at least MIN_SIDE
     to_mnist(image) -> float32 (28, 28, 1)         the digit, white on black, in [0, 1]
     row_to_mnist(image) -> float32 (k, 28, 28, 1)  each digit of a row, left to right
 
-First the ink is separated from the paper (ink_contrast, ink_regions):
-- grey levels; the polarity from which tail of the histogram is longer (a few dark strokes
-  on light paper, or light strokes on a dark canvas);
+First the ink is separated from the paper (analyse, ink_regions):
+- grey levels; the polarity from which tail of the histogram is longer against a local
+  median (a few dark strokes on light paper, or light strokes on a dark canvas);
 - the paper's local brightness, estimated by a morphological closing (scikit-image) with a
   square a third of the image's shorter side, wider than any stroke: it follows uneven
   light and shadow, and the ink becomes its relative darkness against that estimate
   (a flat-field correction, so a stroke in shadow keeps its contrast);
+- paper that this estimate finds evenly lit (a scan, a drawing, a crop) is read instead
+  as if it had a margin of its border's grey (even_contrast): a crop's digit reaches the
+  image's edges, and the paper beyond them is missing; so is a photo whose reading finds
+  a digit at the edge or strokes of its border's grey (analyse);
 - a global Otsu threshold on that contrast, then ruled and squared paper's lines removed:
   straight lines that run across most of the image, found by a Hough transform over
-  near-horizontal and near-vertical angles, with stroke pixels that cross a line restored;
+  near-horizontal and near-vertical angles, with stroke pixels that cross a line restored
+  (three or more parallel lines, or one or two that run from edge to edge past the rest of
+  the ink: a cropped digit's long stroke is neither);
 - connected components, then specks (under 0.01% of the image) dropped.
 Then the digit is chosen (pick_digit): a region that touches the image's edge is clutter
 (the sheet's edge, a pen, a finger) whenever a region away from the edge is large enough to
 be a digit (its longer side at least 15% of the image's shorter side); of those, the
-largest by ink area is the digit, and pieces near it (broken strokes) join it. A row of
-digits is every such region, pieces grouped by the columns they share, left to right.
+largest by ink area is the digit, and pieces near it (broken strokes) join it, as does a
+region at the edge that comes within 5% of its size (the digit where the edge cuts it).
+A row of digits is every such region, pieces grouped by the columns they share, left to
+right.
 
 MNIST's recipe then makes the digit look like MNIST's (LeCun et al.): the digit's bounding
 box is scaled, keeping its aspect ratio, so that its longer side is 20 pixels (antialiased,
 hence grey levels), then placed in a 28x28 frame so that its centre of mass is at the
-frame's centre.
+frame's centre. An image already made so (MNIST's own) comes out nearly unchanged.
 """
 
-import io
-import warnings
-
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-from scipy import ndimage
+from PIL import Image
+from scipy import ndimage, spatial
 from skimage import filters, measure, morphology, transform
 
+from stages import images
 from stages.common import PipelineError
 
-FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")  # PIL opens phone JPEGs (MPO) as JPEG
-MAX_PIXELS = 40_000_000  # refused before decoding: 40 MP is 160 MB as RGBA, above any phone photo
 MIN_SIDE = 8  # a smaller image holds no legible digit
 FRAME = 28  # MNIST's image side
 BOX = 20  # MNIST's digits fill a 20x20 box inside the frame
 CENTRE = 14.0  # MNIST's centre of mass, in pixel indices: (13.99, 14.01) over the test set
 MIN_CONTRAST = 0.15  # the darkest ink must differ this much from the background, else no digit
+UNEVEN = 0.15  # paper whose brightness varies by more than this share is read as a photo
+SAME_GREY = 0.05  # greys this close are the same material (paper, or a canvas)
 INK = 0.25  # after normalising ink to [0, 1], pixels above this count for the bounding box
 WORK_SIDE = 512  # images are analysed with their longer side at most this many pixels
 LINE_SHARE = 0.7  # a ruled line runs across at least this share of the image
 MAX_TILT = 6  # degrees: how far from level a ruled line may be (a sheet photographed askew)
 LINE_GAP = 4  # pixels: the thickest ruled line whose crossing strokes are restored
 LINE_WIDTH = 6  # strips (pixels): a ruled line is at most this thick; a stroke is thicker
-EDGE = 0.03  # a lone line reaches within this share of the image's width of both edges
+EDGE = 0.03  # one or two lines reach within this share of the image's side of both edges
+FEW_LINES = 3  # parallel lines that are the paper's wherever they end; fewer must cross it
 SPECK = 1e-4  # ink regions under this share of the image are specks
 MIN_DIGIT = 0.15  # a digit's longer side is at least this share of the image's shorter side
 PIECE = 0.02  # a broken stroke's piece has at least this share of the digit's ink
+EDGE_PIECE = 0.05  # a piece at the edge comes within this share of the digit's size of it
 
 
 class BadImage(PipelineError):
@@ -66,56 +75,24 @@ class NoDigit(PipelineError):
 
 
 def read_image(data, name):
-    """Bytes of a PNG, JPEG, BMP, GIF or WebP file -> decoded PIL image, upright (EXIF).
-
-    The pixel count is checked from the header, before anything is decoded, so a
-    decompression bomb (a small file that expands to gigabytes) is refused cheaply.
-    """
+    """Bytes of a PNG, JPEG, BMP, GIF or WebP file -> PIL image in mode L or RGB, upright:
+    the one reader of images (stages/images.py), and a side of at least MIN_SIDE."""
     try:
-        with warnings.catch_warnings():
-            # PIL warns above 89 MP and refuses above 179 MP; our own limit is lower.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.DecompressionBombError:
-        raise BadImage(
-            f"{name}: too large (the limit is {MAX_PIXELS // 10**6} megapixels)"
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise BadImage(f"{name}: not a PNG, JPEG, BMP, GIF or WebP image") from None
+        image = images.open_image(data, images.UPLOADS)
+    except images.NotAnImage as e:
+        raise BadImage(f"{name}: {e}") from None
     width, height = image.size
-    if width * height > MAX_PIXELS:
-        raise BadImage(
-            f"{name}: too large ({width}x{height} pixels; "
-            f"the limit is {MAX_PIXELS // 10**6} megapixels)"
-        )
     if min(width, height) < MIN_SIDE:
         raise BadImage(
             f"{name}: too small ({width}x{height} pixels; at least {MIN_SIDE}x{MIN_SIDE})"
         )
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadImage(f"{name}: truncated or corrupt image ({e})") from None
-    return ImageOps.exif_transpose(image)
+    return image
 
 
 def grey_levels(image):
-    """PIL image of any mode -> float (H, W) in [0, 1], 1 = white.
-
-    Transparent pixels become background: an image with alpha is flattened onto black
-    when its visible strokes are light, else onto white.
-    """
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float greys
-        grey = np.asarray(image, dtype=np.float64)
-        return grey / max(grey.max(), 1e-12)
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64) / 255.0
-        alpha = rgba[..., 3]
-        grey = rgba[..., :3] @ [0.299, 0.587, 0.114]  # ITU-R 601 luma, as PIL's convert("L")
-        strokes = np.sum(alpha * grey) / max(alpha.sum(), 1e-12)
-        background = 0.0 if strokes > 0.5 else 1.0
-        return alpha * grey + (1.0 - alpha) * background
-    return np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+    """PIL image of any mode -> float (H, W) in [0, 1], 1 = white; transparency, palettes
+    and 16 bits as the one reader makes them (stages/images.py standard_mode)."""
+    return np.asarray(images.standard_mode(image).convert("L"), dtype=np.float64) / 255.0
 
 
 def working_copy(grey, side=WORK_SIDE):
@@ -148,13 +125,18 @@ def as_paper(grey):
     return grey if -dark >= light else 1.0 - grey
 
 
-def background(paper):
-    """The paper's local brightness: a grey closing (dark strokes narrower than the square
-    vanish, gradients and shadow edges stay) with a square a third of the shorter side,
-    computed on a block-averaged copy about 64 pixels on its shorter side, then upsampled."""
+def paper_level(paper):
+    """(the paper's local brightness on a block-averaged copy about 64 pixels on its
+    shorter side, the block size): a grey closing (dark strokes narrower than the square
+    vanish, gradients and shadow edges stay) with a square a third of the shorter side."""
     small, f = pooled(paper)
     side = max(3, min(small.shape) // 3) | 1  # odd
-    closed = morphology.closing(small, morphology.footprint_rectangle((side, side)))
+    return morphology.closing(small, morphology.footprint_rectangle((side, side))), f
+
+
+def background(paper, level=None):
+    """The paper's local brightness: paper_level (or `level`, its result), upsampled."""
+    closed, f = level or paper_level(paper)
     if f == 1:
         return closed
     upsampled = Image.fromarray(closed.astype(np.float32), mode="F").resize(
@@ -163,33 +145,58 @@ def background(paper):
     return np.maximum(np.asarray(upsampled, dtype=np.float64), paper)
 
 
-def ink_contrast(grey):
-    """Grey levels -> ink in [0, 1]: how much darker each pixel is than the paper around
-    it, relative to that paper's brightness. Raises NoDigit when nothing stands out."""
-    paper = as_paper(grey)
-    bg = background(paper)
-    # Relative darkness; the floor keeps a dark region (the table beyond the sheet) from
-    # turning its noise into contrast.
+def darkness(paper, level=None):
+    """Grey levels, ink darker -> ink in [0, 1]: each pixel's darkness relative to the
+    paper's brightness around it (background; `level`: paper_level's result)."""
+    bg = background(paper, level)
+    # The floor keeps a dark region (the table beyond the sheet) from turning its noise
+    # into contrast.
     floor = max(0.25 * float(np.median(bg)), 0.05)
-    contrast = np.clip((bg - paper) / np.maximum(bg, floor), 0.0, 1.0)
-    if contrast.max() < MIN_CONTRAST:
-        raise NoDigit("no digit found")
-    return contrast
+    return np.clip((bg - paper) / np.maximum(bg, floor), 0.0, 1.0)
+
+
+def border_grey(grey):
+    """The median grey of the image's outermost pixels."""
+    return np.median(np.concatenate([grey[0], grey[-1], grey[1:-1, 0], grey[1:-1, -1]]))
+
+
+def even_contrast(grey):
+    """Grey levels of evenly lit paper (a scan, a drawing, a crop) -> ink in [0, 1]. Its
+    digit may reach the image's edges: the paper beyond them, missing, is added as a
+    margin a quarter of the longer side wide, of the median grey of the image's outermost
+    pixels (the paper wherever the ink does not touch the edge). Polarity and the paper's
+    brightness are then judged as for a digit with room around it; strokes no darker than
+    the margin are paper (a bold digit fills as_paper's local median, and the paper
+    between its strokes passes for light strokes)."""
+    height, width = grey.shape
+    margin = max(height, width) // 4
+    paper = as_paper(np.pad(grey, margin, constant_values=border_grey(grey)))
+    contrast = darkness(paper)
+    strokes = contrast > 0.5
+    if strokes.any() and np.median(paper[strokes]) > paper[0, 0] - MIN_CONTRAST:
+        contrast = darkness(1.0 - paper)
+    return contrast[margin : margin + height, margin : margin + width]
 
 
 def thin_runs(strong):
-    """Boolean strips (P,) -> [(first, last)] of the runs of at most LINE_WIDTH strips."""
+    """Boolean strips (P,) -> [(first, last)] of the runs of at most LINE_WIDTH strips;
+    runs at most LINE_WIDTH apart are one (a thick stroke's strips dip in and out)."""
     edges = np.diff(np.concatenate([[0], strong.astype(np.int8), [0]]))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    return [(a, b - 1) for a, b in zip(starts, ends, strict=True) if b - a <= LINE_WIDTH]
+    runs = []
+    for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
+        if runs and a - runs[-1][1] <= LINE_WIDTH:
+            runs[-1][1] = b
+        else:
+            runs.append([a, b])
+    return [(a, b - 1) for a, b in runs if b - a <= LINE_WIDTH]
 
 
 def line_pixels(mask, horizontal):
     """Pixels of `mask` on ruled or squared paper's lines within MAX_TILT degrees of
     horizontal (or vertical). The Hough transform counts the pixels along every 1-pixel
     strip; a line is a run of at most LINE_WIDTH strips that each hold LINE_SHARE of the
-    image's width (or height). Lines count when two or more are parallel, or when a lone one
-    runs from edge to edge: a digit's long stroke is neither."""
+    image's width (or height). Lines count when three or more are parallel; one or two when
+    they run from edge to edge past the rest of the ink: a digit's long stroke does neither."""
     height, width = mask.shape
     length = width if horizontal else height
     found = np.zeros_like(mask)
@@ -211,11 +218,27 @@ def line_pixels(mask, horizontal):
         bins[max(first - 1, 0) : last + 2] = True
     on_line = bins[index.astype(int)]
     found[rows[on_line], cols[on_line]] = True
-    if len(runs[j]) < 2:
-        along = np.nonzero(found)[1 if horizontal else 0]
-        if along.min() > EDGE * length or along.max() < (1 - EDGE) * length - 1:
+    if len(runs[j]) < FEW_LINES:
+        rest = morphology.remove_small_objects(
+            mask & ~found, max_size=max(2, round(SPECK * mask.size))
+        )
+        # A line or two count when they run from edge to edge and the rest of the ink
+        # stays clear of those two edges, as a digit written on ruled paper does; the
+        # strokes of a tightly cropped digit reach them, and a line that is all the ink
+        # is the digit (a 1).
+        if not (all(near_edges(found, horizontal)) and rest.any()):
+            return np.zeros_like(mask)
+        if any(near_edges(rest, horizontal)):
             return np.zeros_like(mask)
     return found
+
+
+def near_edges(pixels, horizontal):
+    """(whether `pixels` come within EDGE of the first edge, of the last edge) along the
+    rows (horizontal) or the columns."""
+    length = pixels.shape[1 if horizontal else 0]
+    along = np.nonzero(pixels)[1 if horizontal else 0]
+    return along.min() <= EDGE * length, along.max() >= (1 - EDGE) * length - 1
 
 
 def remove_lines(mask, faint):
@@ -264,19 +287,35 @@ def near(a, b, gap):
     return a[0] - gap < b[2] and b[0] - gap < a[2] and a[1] - gap < b[3] and b[1] - gap < a[3]
 
 
+def part_of(region, seed, gap):
+    """Whether a region at the image's edge is part of the digit grown from `seed`: its
+    pixels come within `gap` of the seed's (a broken stroke, not clutter beside it)."""
+    if not near(region.bbox, seed.bbox, gap):
+        return False
+    distance, _ = spatial.cKDTree(seed.coords).query(region.coords, distance_upper_bound=gap)
+    return bool(np.isfinite(distance).any())
+
+
 def pick_digit(regions, shape):
     """The regions that make the digit: the largest candidate by ink area, and every piece
-    of at least PIECE of its area within a quarter of its size of it, repeatedly."""
+    of at least PIECE of its area within a quarter of its size of it, repeatedly; and a
+    region at the image's edge that is part_of it (EDGE_PIECE of its size)."""
     digits, pieces = candidates(regions, shape)
     seed = max(digits, key=lambda r: r.area)
-    gap = 0.25 * max(seed.image.shape)
+    size = max(seed.image.shape)
     chosen, box = [seed], list(seed.bbox)
-    others = [r for r in pieces if r is not seed and r.area >= PIECE * seed.area]
+    others = [r for r in regions if r is not seed and r.area >= PIECE * seed.area]
     grown = True
     while grown:
         grown = False
         for r in others:
-            if r not in chosen and near(box, r.bbox, gap):
+            if r in chosen:
+                continue
+            if (
+                near(box, r.bbox, 0.25 * size)
+                if r in pieces
+                else part_of(r, seed, EDGE_PIECE * size)
+            ):
                 chosen.append(r)
                 box = [f(a, b) for f, a, b in zip((min, min, max, max), box, r.bbox, strict=True)]
                 grown = True
@@ -372,12 +411,63 @@ def mnist_frame(ink):
     return place(digit).astype(np.float32)[..., np.newaxis]
 
 
-def analyse(image):
-    """PIL image -> (ink contrast, labels, regions); NoDigit when no ink region is left."""
-    contrast, labels, regions = ink_regions(ink_contrast(working_copy(grey_levels(image))))
+def find_ink(contrast):
+    """Ink contrast -> (contrast, labels, regions); NoDigit when nothing stands out."""
+    if contrast.max() < MIN_CONTRAST:
+        raise NoDigit("no digit found")
+    contrast, labels, regions = ink_regions(contrast)
     if not regions:
         raise NoDigit("no digit found")
     return contrast, labels, regions
+
+
+def reaches_edge(found):
+    """Whether the digit that pick_digit chooses among the regions touches the edge."""
+    _, labels, regions = found
+    return any(touches_edge(r, labels.shape) for r in pick_digit(regions, labels.shape))
+
+
+def background_as_ink(grey, found):
+    """Whether the strokes found are no darker than the border's grey (read as light
+    strokes: no lighter), within SAME_GREY: the paper read as ink, the polarity wrong, as
+    when a bold digit fills as_paper's local median or light strokes fill a small canvas."""
+    strokes = grey[found[0] > 0.5]
+    if not strokes.size:
+        return False
+    lighter = np.median(strokes) - border_grey(grey)
+    return (lighter if as_paper(grey) is grey else -lighter) > -SAME_GREY
+
+
+def analyse(image):
+    """PIL image -> (ink contrast, labels, regions). Evenly lit paper, whose brightness as
+    the photo reading estimates it varies by less than UNEVEN, is read by even_contrast.
+    Other paper (light falling off, a shadow, the desk beyond the sheet) is read as a
+    photo, where as_paper's local median and the closing's square, a third of the shorter
+    side, follow the light; even_contrast reads it when that finds no digit or one that
+    reaches the edge (a crop) or whose strokes have the border's grey while most of the
+    image has it too; when only the strokes have it, if the digit even_contrast finds
+    reaches the edge. NoDigit when no ink region is left."""
+    grey = working_copy(grey_levels(image))
+    paper = as_paper(grey)
+    level = paper_level(paper)
+    low, high = np.percentile(level[0], [5, 98])
+    if low >= (1 - UNEVEN) * high:
+        return find_ink(even_contrast(grey))
+    try:
+        found = find_ink(darkness(paper, level))
+    except NoDigit:
+        return find_ink(even_contrast(grey))
+    inverted = background_as_ink(grey, found)
+    mostly_border = abs(np.median(grey) - border_grey(grey)) < SAME_GREY
+    sure = reaches_edge(found) or (inverted and mostly_border)
+    if sure or inverted:
+        try:
+            even = find_ink(even_contrast(grey))
+        except NoDigit:
+            return found
+        if sure or reaches_edge(even):
+            return even
+    return found
 
 
 def to_mnist(image):

@@ -1,6 +1,6 @@
 """The exported model's file name, its ONNX session and the dataset it records: the one
 inference path that the export stage's parity check, `predict`, `serve` and the benchmarks
-share.
+share. In stages/, since a stage uses it: stages import nothing from tools/ or bench/.
 
 Imports onnxruntime only (no TensorFlow, no Keras), so a command that serves the exported
 model starts in well under a second.
