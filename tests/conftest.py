@@ -264,9 +264,7 @@ def fresh_backend_state():
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """An empty directory as the working directory, as DVC runs stages from the root, with
-    the empty feedback folder that fetch.feedback names by default, as a clone has it."""
-    (tmp_path / "data" / "no-feedback").mkdir(parents=True)
+    """An empty directory as the working directory, as DVC runs stages from the root."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -32,6 +32,12 @@ from tests.conftest import (
 PIXELS = (Image.new("L", (9, 7), 200), Image.new("RGB", (9, 7), (10, 20, 30)))
 
 
+@pytest.fixture(autouse=True)
+def no_feedback(tmp_path):
+    """The empty folder that fetch.feedback names by default, as a clone has it."""
+    (tmp_path / "data" / "no-feedback").mkdir(parents=True, exist_ok=True)
+
+
 def fetched(workdir, source, **overrides):
     """Runs the fetch and prepare stages on `source` as DVC would; returns their output."""
     write_params(workdir / "params.yaml", fetch__source=str(source), **overrides)
