@@ -329,8 +329,9 @@ def test_dvc_repro_with_feedback_reruns_from_fetch_and_reports_the_feedback_metr
     assert status == (
         "fetch: changed deps: modified: data/feedback params.yaml: modified: fetch.feedback"
     )
-    output = sh(repo, "dvc", "repro")
-    assert ran_stages(output) == ["fetch", "prepare", "train", "evaluate", "export"]
+    # Up to evaluate, which scores the feedback (export follows train as always).
+    output = sh(repo, "dvc", "repro", "evaluate")
+    assert ran_stages(output) == ["fetch", "prepare", "train", "evaluate"]
     digests = [feedback.content_hash(d) for ds in blobs.values() for d in ds]
     n_test = sum(feedback.is_test(h) for h in digests)
     counts = f"24 feedback images, {24 - n_test} for training, {n_test} for testing"
@@ -341,21 +342,21 @@ def test_dvc_repro_with_feedback_reruns_from_fetch_and_reports_the_feedback_metr
         "data/evaluate/metrics.json"
     ]
     assert diff["feedback.accuracy"] == {"old": None, "new": metrics["feedback"]["accuracy"]}
-    assert "Data and pipelines are up to date." in sh(repo, "dvc", "repro")
+    assert "Data and pipelines are up to date." in sh(repo, "dvc", "repro", "evaluate")
 
     # Nothing new: re-adding the folder changes nothing, and nothing reruns.
     sh(repo, "dvc", "add", "-q", "data/feedback")
-    assert "Data and pipelines are up to date." in sh(repo, "dvc", "status")
-    # A new correction, re-added: the pipeline reruns from fetch.
-    new = drawing(70, 24, "7")
-    file_images(repo / "data" / "feedback", {"7": [new]})
-    sh(repo, "dvc", "add", "-q", "data/feedback")
-    output = sh(repo, "dvc", "repro")
-    assert ran_stages(output) == ["fetch", "prepare", "train", "evaluate", "export"]
-    n_train = 25 - n_test - feedback.is_test(feedback.content_hash(new))
+    assert "Data and pipelines are up to date." in sh(repo, "dvc", "status", "evaluate")
     # Training with the feedback: train and what follows, not fetch or prepare.
     edit_params(repo / "params.yaml", train__feedback=5)
-    output = sh(repo, "dvc", "repro")
-    assert ran_stages(output) == ["train", "evaluate", "export"]
-    assert f"train: {n_train} feedback training images, each 5 times per epoch" in output
+    output = sh(repo, "dvc", "repro", "evaluate")
+    assert ran_stages(output) == ["train", "evaluate"]
+    assert f"train: {24 - n_test} feedback training images, each 5 times per epoch" in output
+    # A new correction, re-added: the pipeline reruns from fetch (stopped at prepare here,
+    # whose new output train then depends on).
+    file_images(repo / "data" / "feedback", {"7": [drawing(70, 24, "7")]})
+    sh(repo, "dvc", "add", "-q", "data/feedback")
+    assert ran_stages(sh(repo, "dvc", "repro", "prepare")) == ["fetch", "prepare"]
+    status = " ".join(sh(repo, "dvc", "status", "train").split())
+    assert status.startswith("train: changed deps: modified: data/prepared"), status
     shutil.rmtree(repo)
