@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import images, preprocess  # preprocess: digits prepared as predict does
+from stages import images
 from stages.common import PipelineError
 
 # Not a param: a new share would move images from one side to the other.
@@ -68,6 +68,10 @@ def prepare_image(path, data, preparation, shape):
     """Image bytes -> uint8 (height, width, channels), as an upload is prepared for a model
     trained on the dataset; one line naming `path` when it cannot be."""
     if preparation == "digits":
+        # Here, not at the top: scikit-image and SciPy add about 0.35 s to every fetch,
+        # and only a folder of digit corrections needs them.
+        from stages import preprocess  # digits prepared as predict prepares them
+
         try:
             x = preprocess.to_mnist(preprocess.read_image(data, str(path)))
         except preprocess.NoDigit:

@@ -5,7 +5,6 @@ import io
 from pathlib import Path
 
 import yaml
-from ruamel.yaml import YAML
 
 from stages.common import PipelineError
 
@@ -37,6 +36,8 @@ def set_params(path, updates):
     """Sets dotted keys of the params file at `path` ({"train.epochs": 1}) in place,
     keeping its comments and layout, as a user's edit or `dvc exp run -S` would. A key the
     file lacks is an error: a typo must not add a key no stage reads."""
+    from ruamel.yaml import YAML  # here: predict reads dvc.yaml through this module
+
     path = Path(path)
     yaml_rt = YAML()  # round-trip: comments, order and block/flow style survive
     yaml_rt.width = 4096  # never fold a long line
