@@ -6,16 +6,19 @@ the .keras file they are saved in.
 - compact:   two batch-normalised conv blocks (32, 64 filters) and Dense 128, Adam on a
              cosine schedule; built for >= 99.4% test accuracy in a few minutes of CPU.
 - best:      compact plus a third conv block, dropout and light data augmentation (shifts,
-             rotations, zooms); Adam on a cosine schedule; built for >= 99.6%.
+             rotations, zooms; colour images recoloured); Adam on a cosine schedule; built
+             for >= 99.6%, and for a few hundred colour images whose colours vary.
 - fast:      Conv 24 5x5 -> Conv 32 3x3 -> one BatchNorm -> Dense 256 (215,322 parameters),
-             Adam (betas 0.7, 0.9) on a one-cycle schedule; built for >= 99.0% after one
-             epoch on all 60,000 images, in seconds on a 2-core CPU.
+             Adam (betas 0.7, 0.9) on a one-cycle schedule, label smoothing 0.1; built
+             for >= 99.0% after one epoch on all 60,000 images, whatever the seed, in
+             seconds on a 2-core CPU.
 
 Every model ends in a float32 softmax, so mixed precision never computes the output
 probabilities in 16 bits.
 """
 
 import json
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ from keras import layers
 from stages.common import PipelineError, atomic_file
 
 MNIST_INPUT = (28, 28, 1)  # the default dataset's images: height, width, channels
+MNIST_TRAIN = 48_000  # its training images less the validation split: what recipes are for
 
 
 def reference(input_shape, num_classes):
@@ -45,6 +49,40 @@ def reference(input_shape, num_classes):
         ],
         name="reference",
     )
+
+
+@keras.saving.register_keras_serializable(package="stages")
+class RandomRecolour(layers.Layer):
+    """Active only in training: each colour image gets its three channels in a random
+    order, each inverted (1 - x) with probability 1/2: 48 colourings of the same shapes.
+
+    On a few hundred colour images a network otherwise tells its training images apart by
+    their colours, which fit them all and say nothing of new ones, and it never learns the
+    shapes. The price: colour alone cannot tell classes apart (docs/datasets.md)."""
+
+    ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+    def __init__(self, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=False):
+        if not training:
+            return images
+        n = keras.ops.shape(images)[0]
+        pick = keras.random.randint((n,), 0, len(self.ORDERS), seed=self.generator)
+        order = keras.ops.take(keras.ops.array(self.ORDERS, "int32"), pick, axis=0)
+        mixing = keras.ops.one_hot(order, 3, dtype=images.dtype)  # (n, out, in)
+        mixed = keras.ops.einsum("nhwi,noi->nhwo", images, mixing)
+        invert = keras.random.uniform((n, 1, 1, 3), seed=self.generator) < 0.5
+        return keras.ops.where(invert, 1 - mixed, mixed)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
 
 
 def conv_bn(filters):
@@ -79,10 +117,12 @@ def best(input_shape, num_classes):
     return keras.Sequential(
         [
             keras.Input(shape=input_shape),
-            # Active only in training: small shifts, rotations and zooms, as handwriting varies.
+            # Active only in training: small shifts, rotations and zooms, as handwriting varies;
+            # colour images also recoloured, so that their colours cannot stand for them.
             layers.RandomTranslation(0.1, 0.1, fill_mode="constant"),
             layers.RandomRotation(0.03, fill_mode="constant"),
             layers.RandomZoom(0.1, fill_mode="constant"),
+            *([RandomRecolour()] if input_shape[-1] == 3 else []),
             *conv_bn(32),
             *conv_bn(32),
             layers.MaxPooling2D(),  # (14, 14, 32)
@@ -132,6 +172,15 @@ class Recipe:
     epochs: int
     batch_size: int
     learning_rate: float  # the optimizer's rate; the peak of its schedule where it has one
+    # Of the training loss: the target is 1 - s on the class and s / classes spread over
+    # all of them, which keeps one epoch's weights from overconfident steps.
+    label_smoothing: float = 0.0
+
+    @property
+    def steps_per_epoch(self):
+        """On MNIST's 48,000 training images. An epoch of `preset` epochs on fewer images
+        passes over them as often as it takes to make about as many steps."""
+        return math.ceil(MNIST_TRAIN / self.batch_size)
 
 
 RECIPES = {
@@ -140,7 +189,8 @@ RECIPES = {
     "reference": Recipe(epochs=12, batch_size=128, learning_rate=1.0),
     "compact": Recipe(epochs=6, batch_size=128, learning_rate=0.005),  # 99.45%
     "best": Recipe(epochs=20, batch_size=128, learning_rate=0.005),  # 99.63%
-    "fast": Recipe(epochs=1, batch_size=512, learning_rate=0.01),  # 99.09% on 60,000 images
+    # 99.17-99.25% on 60,000 images over seeds 1-5; without label smoothing 98.98-99.20%
+    "fast": Recipe(epochs=1, batch_size=512, learning_rate=0.01, label_smoothing=0.1),
 }
 FAST_WARMUP = 0.2  # fraction of the steps spent ramping up to the peak rate
 

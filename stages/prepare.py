@@ -138,6 +138,7 @@ def prepare(
     (x_train, y_train), (x_val, y_val) = split_validation(
         scale_images(train_images), train_labels, validation_split
     )
+    check_sizes(len(x_train), len(x_val), len(test_images), num_classes)
     return {
         "x_train": x_train,
         "y_train": y_train,
@@ -146,6 +147,22 @@ def prepare(
         "x_test": scale_images(test_images),
         "y_test": test_labels,
     }
+
+
+def check_sizes(n_train, n_val, n_test, num_classes):
+    """Stops when a split has fewer images than there are classes (a validation split may
+    be empty): too few to learn every class, or to score it."""
+    what_to_do = {
+        "training": "add images, or raise prepare.train_size",
+        "validation": "add images, raise prepare.validation_split, or set it to 0 for none",
+        "test": "add images, raise fetch.test_split (a folder) or prepare.test_size",
+    }
+    for split, n in (("training", n_train), ("validation", n_val), ("test", n_test)):
+        if n < num_classes and (n or split != "validation"):
+            raise PipelineError(
+                f"{n} {split} images for {num_classes} classes: too few for a sound split "
+                f"(at least one per class); {what_to_do[split]}"
+            )
 
 
 def prepare_feedback(parts, num_classes):

@@ -16,6 +16,7 @@ else the CPU. Model code uses Keras 3 APIs only, so KERAS_BACKEND=jax works too.
 import argparse
 import hashlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -40,6 +41,7 @@ class Params(params.Section):
     epochs: Annotated[int, Field(ge=1)] | Literal["preset"]
     batch_size: Annotated[int, Field(ge=1)] | Literal["preset"]  # global: split across replicas
     learning_rate: Annotated[float, Field(gt=0)] | Literal["preset"]  # the (peak) rate
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] | Literal["preset"]
     mixed_precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
     jit_compile: Literal["auto", True, False]
     deterministic: bool
@@ -61,6 +63,8 @@ from stages.dataset import has_split, load_info, load_prepared
 from stages.machine import cpu_has_bf16
 
 FINGERPRINT = "fingerprint.json"
+RECIPE_KEYS = ("epochs", "batch_size", "learning_rate", "label_smoothing")  # may say "preset"
+SMALL_BATCH = 32  # the smallest batch a preset's own batch size shrinks to on few images
 
 
 def list_gpus():
@@ -120,22 +124,36 @@ def seed_everything(seed, deterministic):
         tf.config.experimental.enable_op_determinism()
 
 
-def with_recipe(p):
-    """p with each of epochs, batch_size and learning_rate that says "preset" replaced by
-    the preset's own value, so that `-S train.model=X` alone is a sound run of preset X."""
+def with_recipe(p, n_train):
+    """p with each setting that says "preset" replaced by the preset's own for n_train
+    training images, so that `-S train.model=X` alone is a sound run of preset X on any
+    dataset. The recipes (stages/models.py) are sized for MNIST's 48,000 images; on fewer
+    than 16 of its batches, the batch is a 16th of the images (32 at least) and the
+    learning rate shrinks with it (docs/datasets.md, "Small datasets")."""
     recipe = models.RECIPES[p.model]
-    return p.model_copy(
-        update={
-            key: getattr(recipe, key)
-            for key in ("epochs", "batch_size", "learning_rate")
-            if getattr(p, key) == "preset"
-        }
-    )
+    own = {key: getattr(recipe, key) for key in RECIPE_KEYS if getattr(p, key) == "preset"}
+    if "batch_size" in own:
+        own["batch_size"] = min(recipe.batch_size, max(SMALL_BATCH, n_train // 16))
+        if "learning_rate" in own:  # the same step per image: the linear scaling rule
+            own["learning_rate"] *= own["batch_size"] / recipe.batch_size
+    return p.model_copy(update=own)
 
 
-def fingerprint(p, data):
-    """Identifies a training run, so a checkpoint is only resumed by the same run."""
+def passes(p, n_train):
+    """How many times an epoch goes over the n_train training images: 1, except where
+    train.epochs is the preset's and one pass makes fewer optimizer steps than an epoch of
+    the recipe on MNIST: then as many passes as make about as many steps."""
+    if p.epochs != "preset":
+        return 1
+    batch_size = with_recipe(p, n_train).batch_size
+    return max(1, round(models.RECIPES[p.model].steps_per_epoch * batch_size / n_train))
+
+
+def fingerprint(p, data, repeat=1):
+    """Identifies a training run (p resolved, `repeat` passes per epoch), so a checkpoint
+    is only resumed by the same run."""
     h = hashlib.sha256(json.dumps(p.model_dump(), sort_keys=True).encode())
+    h.update(f"passes{repeat}".encode())
     h.update(keras.backend.backend().encode())
     for name in ("x_train", "y_train", "x_val", "y_val"):
         h.update(f"{name}{data[name].shape}".encode())
@@ -168,7 +186,7 @@ def compile_model(p, steps_per_epoch, input_shape, num_classes):
     model = models.build(p.model, input_shape, num_classes)
     model.compile(
         optimizer=models.optimizer(p.model, p.learning_rate, p.epochs * steps_per_epoch),
-        loss="categorical_crossentropy",
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=p.label_smoothing),
         metrics=["accuracy"],
         jit_compile=p.jit_compile,  # "auto": XLA on GPU, not on a TF CPU (slower there)
     )
@@ -181,7 +199,21 @@ def train_model(data, p, callbacks=(), verbose="auto", num_classes=10):
 
     verbose="auto": Keras' live progress bar on a terminal, one line per epoch otherwise
     (CI logs, `dvc exp run --queue`, a file)."""
-    p = with_recipe(p)
+    n_train = len(data["x_train"])
+    repeat = passes(p, n_train)
+    p = with_recipe(p, n_train)
+    steps_per_epoch = math.ceil(repeat * n_train / p.batch_size)
+    if repeat > 1:
+        print(
+            f"train: {n_train:,} training images, fewer than the {models.MNIST_TRAIN:,} the "
+            f"{p.model} recipe is sized for: each epoch passes over them {repeat} times, "
+            f"{steps_per_epoch} steps of batch {p.batch_size} at rate {p.learning_rate:g}"
+        )
+        data = {  # fit shuffles all the copies together, every epoch
+            **data,
+            "x_train": np.concatenate([data["x_train"]] * repeat),
+            "y_train": np.concatenate([data["y_train"]] * repeat),
+        }
     gpus = list_gpus()
     print(
         f"train: backend {keras.backend.backend()}, GPUs: {gpus or 'none, using the CPU'},"
@@ -191,7 +223,6 @@ def train_model(data, p, callbacks=(), verbose="auto", num_classes=10):
     policy = resolve_precision(p.mixed_precision, gpus, cpu_has_bf16())
     keras.mixed_precision.set_dtype_policy(policy)
     strategy = make_strategy(p.distribute, gpus)
-    steps_per_epoch = int(np.ceil(len(data["x_train"]) / p.batch_size))
     shape = data["x_train"].shape[1:]
     if strategy is None:
         model = compile_model(p, steps_per_epoch, shape, num_classes)
@@ -204,7 +235,7 @@ def train_model(data, p, callbacks=(), verbose="auto", num_classes=10):
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
     start = time.perf_counter()
-    model.fit(
+    history = model.fit(
         data["x_train"],
         keras.utils.to_categorical(data["y_train"], num_classes),
         batch_size=p.batch_size,
@@ -218,14 +249,40 @@ def train_model(data, p, callbacks=(), verbose="auto", num_classes=10):
         verbose=verbose,
     )
     print(f"train: fit took {time.perf_counter() - start:.2f} s")
+    if history.history.get("val_accuracy"):  # none when resumed after the last epoch
+        warning = verdict(history.history, data["y_val"])
+        if warning:
+            print(f"train: warning: {warning}")
     return model
 
 
-def settings_of(model, p):
+def verdict(history, y_val):
+    """One line when the last epoch's validation accuracy says the run went wrong: near
+    chance (the largest class's share of the validation images), or far below the
+    training accuracy (overfitting); None when neither."""
+    val, fit = history["val_accuracy"][-1], history["accuracy"][-1]
+    chance = np.bincount(y_val).max() / len(y_val)
+    if fit - val > 0.2:
+        return (
+            f"validation accuracy {val:.1%} is far below the training accuracy {fit:.1%}: "
+            "the model learned its training images rather than the classes. Add images, or "
+            "try the best preset (augmentation, and colour images recoloured)"
+        )
+    if val < chance + 0.1 * (1 - chance):
+        return (
+            f"validation accuracy {val:.1%} is near chance ({chance:.1%}): the model learned "
+            "little. Try more epochs (train.epochs), a smaller train.batch_size or "
+            "train.learning_rate, or more images per class"
+        )
+    return None
+
+
+def settings_of(model, p, n_train):
     """What a trained model was trained with, `auto` and the preset's defaults resolved:
     recorded in the .keras file, because the run cache keys on params.yaml's words, so a
     model restored on another machine was trained where `auto` may have meant otherwise."""
-    p = with_recipe(p)
+    repeat = passes(p, n_train)
+    p = with_recipe(p, n_train)
     strategy = getattr(model, "distribute_strategy", None)  # TensorFlow backend only
     return {
         "backend": keras.backend.backend(),
@@ -235,8 +292,10 @@ def settings_of(model, p):
         "jit_compile": bool(model.jit_compile),
         "deterministic": p.deterministic,
         "epochs": p.epochs,
+        "passes_per_epoch": repeat,
         "batch_size": p.batch_size,
         "learning_rate": p.learning_rate,
+        "label_smoothing": p.label_smoothing,
     }
 
 
@@ -322,7 +381,8 @@ def main(argv=None):
     if p.feedback != "none":
         data = with_feedback(data, load_feedback(args.data), p.feedback)
     info = load_info(args.data)
-    fp = fingerprint(with_recipe(p), data)
+    n_train = len(data["x_train"])
+    fp = fingerprint(with_recipe(p, n_train), data, passes(p, n_train))
     resume = can_resume(args.checkpoint, fp)
     epochs_done = resumed_epoch(args.checkpoint) if resume else 0
     if resume:
@@ -338,7 +398,11 @@ def main(argv=None):
     model = train_model(
         data, p, make_callbacks(live, args.checkpoint), num_classes=len(info["classes"])
     )
-    models.save_model(model, args.model, {"training": settings_of(model, p), "dataset": info})
+    models.save_model(
+        model,
+        args.model,
+        {"training": settings_of(model, p, n_train), "dataset": info},
+    )
     # Finished: BackupAndRestore has deleted its backup; drop the stamp and the folder too,
     # so nothing from this run can leak into the next one.
     shutil.rmtree(args.checkpoint)

@@ -390,20 +390,25 @@ def test_fast_seeds_prints_each_run_and_the_minimum_and_median(capsys, monkeypat
     monkeypatch.setenv("MNIST_MIRROR", str(MNIST_MIRROR))
     fast_seeds.main(
         ["--precisions", "float32", "--seeds", "1", "2", "--set", "batch_size=64",
-         "--train-size", "1000"]
+         "--set", "epochs=1", "--against", "label_smoothing=0", "--train-size", "1000"]
     )  # fmt: skip
     out = capsys.readouterr().out.splitlines()
-    lines = [s for s in out if s.startswith(("machine: ", "float32"))]  # not train's own
+    lines = [s for s in out if s.startswith(("machine: ", "float32", "  with"))]  # not train's
     assert lines[0].startswith("machine: ")
     runs = [
         re.fullmatch(r"float32 seed (\d): test accuracy ([\d.]+)%, fit [\d.]+ s", s)
-        for s in lines[1:3]
+        for s in lines[1:5:2]
     ]
     assert [m.group(1) for m in runs] == ["1", "2"]
+    assert all(
+        re.fullmatch(r"  with label_smoothing=0: [\d.]+%, fit [\d.]+ s", s) for s in lines[2:6:2]
+    )
     accuracies = sorted(float(m.group(2)) for m in runs)
     assert accuracies[0] > 50  # 16 steps of 64 digits: far above chance (10%)
     summary = rf"float32: min {accuracies[0]:.2f}%, median [\d.]+% over seeds \[1, 2\]"
-    assert re.fullmatch(summary, lines[3])
+    assert re.fullmatch(summary, lines[5])
+    ratio = r"float32: fit / fit with label_smoothing=0: median [\d.]+ \([\d.]+, [\d.]+\)"
+    assert re.fullmatch(ratio, lines[6])
 
 
 # --- the drawing session (bench/feedback_loop.py) ----------------------------------------------

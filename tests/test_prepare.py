@@ -122,10 +122,48 @@ def test_prepare_limits_train_size_before_splitting():
 def test_prepare_keeps_the_first_test_size_test_images():
     images = np.arange(30, dtype=np.uint8)[:, None, None] * np.ones((1, 28, 28), np.uint8)
     labels = np.arange(30, dtype=np.uint8) % 10
-    arrays = prepare.prepare(images, labels, images, labels, "all", 0.5, test_size=7)
-    assert arrays["y_test"].tolist() == [0, 1, 2, 3, 4, 5, 6]
-    assert arrays["x_test"][:, 0, 0, 0].tolist() == [np.float32(i) / 255 for i in range(7)]
+    arrays = prepare.prepare(images, labels, images, labels, "all", 0.5, test_size=12)
+    assert arrays["y_test"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert arrays["x_test"][:, 0, 0, 0].tolist() == [np.float32(i) / 255 for i in range(12)]
     assert (len(arrays["x_train"]), len(arrays["x_val"])) == (15, 15)  # train set untouched
+
+
+@pytest.mark.parametrize(
+    ("train_size", "validation_split", "test_size", "message"),
+    [
+        (
+            30,
+            0.2,
+            "all",
+            "6 validation images for 10 classes: too few for a sound split (at "
+            "least one per class); add images, raise prepare.validation_split, or set it to 0",
+        ),
+        (
+            12,
+            0.5,
+            "all",
+            "6 training images for 10 classes: too few for a sound split (at "
+            "least one per class); add images, or raise prepare.train_size",
+        ),
+        (
+            "all",
+            0.5,
+            9,
+            "9 test images for 10 classes: too few for a sound split (at least "
+            "one per class); add images, raise fetch.test_split (a folder) or prepare.test_size",
+        ),
+    ],
+)
+def test_a_split_with_fewer_images_than_classes_is_one_line(
+    train_size, validation_split, test_size, message
+):
+    images = np.zeros((30, 28, 28), dtype=np.uint8)
+    labels = np.arange(30, dtype=np.uint8) % 10
+    with pytest.raises(PipelineError) as error:
+        prepare.prepare(images, labels, images, labels, train_size, validation_split, test_size)
+    assert str(error.value).startswith(message)
+    no_validation = prepare.prepare(images, labels, images, labels, "all", 0.0, "all")
+    assert len(no_validation["x_val"]) == 0  # none at all is sound: fit runs without
 
 
 def test_labels_out_of_range_are_rejected():

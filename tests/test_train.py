@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -55,17 +56,18 @@ def test_reference_model_has_the_tutorials_parameter_count():
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", list(models.BUILDERS))
 def test_each_preset_learns_with_its_own_recipe_from_one_override(workdir, preset):
-    # `-S train.model=X` alone: epochs, batch size and learning rate stay "preset" in
-    # params.yaml, so each preset trains with its own. The data gives each about 40 steps.
+    # `-S train.model=X` (and a few epochs, or the recipe's steps would take minutes):
+    # batch size, learning rate and label smoothing stay "preset" in params.yaml, so each
+    # preset trains with its own. 16 batches of data: no small-data shrinking.
     recipe = models.RECIPES[preset]
-    make_prepared(workdir / "prepared", n_train=-(-40 // recipe.epochs) * recipe.batch_size)
-    write_params(workdir / "params.yaml", train__model=preset)
+    make_prepared(workdir / "prepared", n_train=16 * recipe.batch_size)
+    write_params(workdir / "params.yaml", train__model=preset, train__epochs=3)
     assert (
         yaml.safe_load((workdir / "params.yaml").read_text())["train"]["learning_rate"] == "preset"
     )
     train.main(train_args(workdir))
     history = pd.read_csv(workdir / "live/plots/metrics/train/accuracy.tsv", sep="\t")
-    assert history["step"].tolist() == list(range(1, recipe.epochs + 1))
+    assert history["step"].tolist() == [1, 2, 3]
     # Chance is 10%; each class is a bright patch at its own place, easy to learn. Held-out
     # accuracy on the test split, except for best: its random shifts move the patch that
     # codes the class, so its training accuracy, as logged, says more.
@@ -76,15 +78,50 @@ def test_each_preset_learns_with_its_own_recipe_from_one_override(workdir, prese
     assert learned >= 0.5, f"{preset} did not learn: held out {held_out}, {history}"
     # The .keras file says what the run resolved: the preset's recipe, the precision.
     settings = models.recorded(workdir / "model" / "model.keras", "training")
-    assert (settings["epochs"], settings["batch_size"], settings["learning_rate"]) == (
-        recipe.epochs,
-        recipe.batch_size,
-        recipe.learning_rate,
-    )
+    assert (
+        settings["epochs"],
+        settings["batch_size"],
+        settings["learning_rate"],
+        settings["label_smoothing"],
+    ) == (3, recipe.batch_size, recipe.learning_rate, recipe.label_smoothing)
     weighted = next(layer for layer in model.layers if layer.weights)
     assert settings["precision"] == weighted.dtype_policy.name
     assert models.recorded(workdir / "model" / "model.keras", "dataset") == MNIST_INFO
     assert settings["precision"] == ("mixed_bfloat16" if train.cpu_has_bf16() else "float32")
+
+
+def resolved(n_train, **asked):
+    """(epochs, passes per epoch, batch size, learning rate, label smoothing) of a run on
+    n_train images with params.yaml's train section and `asked`."""
+    write_params(Path("params.yaml"), **{f"train__{k}": v for k, v in asked.items()})
+    p = train.params.load(train.Params)
+    resolved = train.with_recipe(p, n_train)
+    return (
+        resolved.epochs,
+        train.passes(p, n_train),
+        resolved.batch_size,
+        resolved.learning_rate,
+        resolved.label_smoothing,
+    )
+
+
+def test_a_preset_s_epoch_makes_its_recipe_s_steps_whatever_the_dataset_s_size(workdir):
+    for name, r in models.RECIPES.items():  # MNIST: the recipe as it is
+        mnist = (r.epochs, 1, r.batch_size, r.learning_rate, r.label_smoothing)
+        assert resolved(48_000, model=name) == mnist
+    assert models.RECIPES["compact"].steps_per_epoch == 375
+    # 192 images: batches of 32 (the floor; a 16th would be 12) at a quarter of the rate,
+    # each epoch 62 passes: 372 steps.
+    assert resolved(192, model="compact") == (6, 62, 32, 0.00125, 0.0)
+    epochs, repeat, batch, rate, _ = resolved(1_150, model="compact")  # a 16th: 71
+    assert (epochs, repeat, batch, rate) == (6, 23, 71, pytest.approx(0.005 * 71 / 128))
+    assert resolved(60_000, model="fast")[:3] == (1, 1, 512)  # 118 steps: more than 94
+    assert resolved(40_000, model="compact")[:3] == (6, 1, 128)  # 313 steps: about 375
+    # A number overrides the recipe, and the other settings adapt to it.
+    assert resolved(192, model="compact", epochs=5) == (5, 1, 32, 0.00125, 0.0)
+    assert resolved(192, model="compact", batch_size=64) == (6, 125, 64, 0.005, 0.0)
+    assert resolved(192, model="compact", learning_rate=0.01) == (6, 62, 32, 0.01, 0.0)
+    assert resolved(192, model="fast", label_smoothing=0) == (1, 16, 32, 0.000625, 0.0)
 
 
 def test_saving_the_same_weights_twice_gives_the_same_bytes(tmp_path):
@@ -306,7 +343,7 @@ def test_jit_compile_auto_keeps_xla_off_on_a_tensorflow_cpu(workdir):
     write_params(workdir / "params.yaml")
     p = train.params.load(train.Params)
     assert p.jit_compile == "auto"
-    assert train.compile_model(train.with_recipe(p), 1, (28, 28, 1), 10).jit_compile is False
+    assert train.compile_model(train.with_recipe(p, 480), 1, (28, 28, 1), 10).jit_compile is False
 
 
 def test_shared_object_ids_are_renumbered_in_order_of_appearance():
@@ -316,3 +353,42 @@ def test_shared_object_ids_are_renumbered_in_order_of_appearance():
         "a": {"shared_object_id": 1},
         "b": [{"shared_object_id": 2}, {"x": 140}, {"shared_object_id": 1}],
     }
+
+
+def test_a_run_near_chance_or_far_below_its_training_accuracy_says_so_in_one_line():
+    y_val = np.array([0, 0, 1, 1, 2, 2, 2, 2])  # the largest class: half
+    near_chance = train.verdict({"accuracy": [0.6, 0.6], "val_accuracy": [0.4, 0.52]}, y_val)
+    assert near_chance.startswith("validation accuracy 52.0% is near chance (50.0%)")
+    assert "train.epochs" in near_chance and "\n" not in near_chance
+    overfit = train.verdict({"accuracy": [1.0], "val_accuracy": [0.7]}, y_val)
+    assert overfit.startswith("validation accuracy 70.0% is far below the training accuracy")
+    assert "best preset" in overfit
+    assert train.verdict({"accuracy": [0.99], "val_accuracy": [0.9]}, y_val) is None
+
+
+def test_recolouring_gives_each_image_its_channels_reordered_and_inverted_in_training_only(
+    tmp_path,
+):
+    images = np.random.default_rng(0).uniform(size=(64, 5, 4, 3)).astype(np.float32)
+    layer = models.RandomRecolour(seed=1)
+    assert np.array_equal(np.asarray(layer(images, training=False)), images)
+    recoloured = np.asarray(layer(images, training=True))
+    seen = set()
+    for source, out in zip(images, recoloured, strict=True):
+        candidates = [source[..., c] for c in range(3)] + [1 - source[..., c] for c in range(3)]
+        picks = [
+            next(i for i, c in enumerate(candidates) if np.allclose(out[..., k], c, atol=1e-6))
+            for k in range(3)
+        ]
+        assert sorted(p % 3 for p in picks) == [0, 1, 2]  # each channel once
+        seen.add(tuple(picks))
+    assert len(seen) > 20  # of the 48 colourings
+    # Only best, and only for colour images; saved and loaded with the model.
+    best = models.build("best", (16, 16, 3), 3)
+    assert any(isinstance(layer, models.RandomRecolour) for layer in best.layers)
+    models.save_model(best, tmp_path / "best.keras")
+    loaded = models.load_model(tmp_path / "best.keras")
+    assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in best.layers]
+    for name, shape in (("best", (16, 16, 1)), ("compact", (16, 16, 3))):
+        built = models.build(name, shape, 3)
+        assert not any(isinstance(layer, models.RandomRecolour) for layer in built.layers)
