@@ -63,7 +63,8 @@ def train_and_clock(run, data):
     p = load_params(train.Params, **overrides, epochs=run["epochs"], seed=run["seed"])
     clock = TestClock(data["x_test"], data["y_test"])  # starts the clock
     train.train_model(data, p, callbacks=[clock], verbose=0)
-    run.update(params=train.with_recipe(p).model_dump(), train_images=len(data["x_train"]))
+    n_train = len(data["x_train"])
+    run.update(params=train.with_recipe(p, n_train).model_dump(), train_images=n_train)
     run.update(points=clock.points, fit_s=clock.fit_s)
     return run
 

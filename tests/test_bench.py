@@ -254,8 +254,9 @@ def test_time_to_accuracy_trains_each_run_with_its_recipe_and_clocks_every_epoch
         "batch_size": 128,
     }
     assert (tutorial["params"]["learning_rate"], tutorial["train_images"]) == (1.0, 480)
-    # fast with its own recipe (batch 512, peak rate 0.01) on all 600
-    assert (fast["params"]["batch_size"], fast["params"]["learning_rate"]) == (512, 0.01)
+    # fast with its own recipe on all 600, scaled to them: batch 600 / 16 (not 512), the
+    # peak rate 0.01 in proportion
+    assert (fast["params"]["batch_size"], fast["params"]["learning_rate"]) == (37, 0.01 * 37 / 512)
     assert fast["train_images"] == 600 and results["test_images"] == 500
     # Trained on real digits and scored on real test digits: well above chance (10%)
     assert tutorial["points"][-1][1] > 0.3

@@ -136,6 +136,7 @@ def test_a_colour_folder_is_resized_and_names_its_classes(workdir):
         fetch__image_size=[6, 4],
         fetch__channels=3,
         fetch__test_split=0.4,
+        prepare__validation_split=0.4,  # of 9: 4, one or more per class
     )
     info = json.loads((workdir / "prepared" / "dataset.json").read_text())
     assert info["classes"] == ["blue", "red", "sea green"]
@@ -299,7 +300,7 @@ def test_the_other_idx_sets_are_fetched_and_parsed_with_their_class_names(workdi
     mirror = workdir / "mirror"
     mirror.mkdir()
     arrays = {}
-    for split, n in (("train", 12), ("test", 5)):
+    for split, n in (("train", 40), ("test", 10)):  # 30 training, 10 validation: 10 classes
         images_file, labels_file = described[split]
         arrays[split] = (
             rng.integers(0, 256, (n, 28, 28), np.uint8),
@@ -321,7 +322,7 @@ def test_the_other_idx_sets_are_fetched_and_parsed_with_their_class_names(workdi
     info = json.loads((workdir / "prepared" / "dataset.json").read_text())
     assert info == {"name": name, "classes": described["classes"], "preparation": "resize"}
     x_train = np.load(workdir / "prepared" / "x_train.npy")
-    assert np.array_equal(x_train[..., 0], arrays["train"][0][:9] / np.float32(255))
+    assert np.array_equal(x_train[..., 0], arrays["train"][0][:30] / np.float32(255))
     assert np.array_equal(np.load(workdir / "prepared" / "y_test.npy"), arrays["test"][1])
 
 
