@@ -272,13 +272,14 @@ def workdir(tmp_path, monkeypatch):
 # --- the real pipeline, run with `dvc` as a user runs it --------------------------------
 
 # The pipeline on 500 real MNIST training and 500 test images for the tests that run `dvc`:
-# the `fast` preset with its own one epoch and learning rate, in batches of 64 (its 512 is
-# one step here), so that train, evaluate and export take seconds. Accuracies are low and
-# beside the point.
+# the `fast` preset with its own learning rate, one pass over the images in batches of 64
+# (its 512 is one step here; `preset` epochs would pass 15 times to make its 94 steps), so
+# that train, evaluate and export take seconds. Accuracies are low and beside the point.
 TINY_PIPELINE = {
     "prepare__train_size": 500,
     "prepare__test_size": 500,
     "train__model": "fast",
+    "train__epochs": 1,
     "train__batch_size": 64,
     "evaluate__gallery_size": 8,
 }

@@ -342,9 +342,9 @@ def test_dvc_repro_on_a_folder_trains_evaluates_exports_and_predicts_by_name(tmp
     edit_params(
         repo / "params.yaml",
         fetch__source="data/images",
-        fetch__image_size=[16, 16],
+        fetch__image_size=[12, 12],
         fetch__channels=3,
-        train__model="compact",
+        train__model="fast",
         evaluate__gallery_size=4,
     )
     sh(repo, "git", "init", "-q", "-b", "main")
@@ -359,11 +359,11 @@ def test_dvc_repro_on_a_folder_trains_evaluates_exports_and_predicts_by_name(tmp
     per_class = json.loads((repo / "data/evaluate/per_class.json").read_text())
     assert sorted(per_class) == ["blue", "green", "red"]
     assert [per_class[c]["support"] for c in ("blue", "green", "red")] == [6, 6, 6]
-    # 57 training images (72 less validation), not the 48,000 compact is sized for: each
-    # epoch passes over them as often as makes its 375 steps, batch 32 at a quarter rate.
+    # 57 training images (72 less validation), not the 48,000 fast is sized for: its epoch
+    # passes over them as often as makes its 94 steps, in batches of 32 at 32/512 its rate.
     assert (
-        "57 training images, fewer than the 48,000 the compact recipe is sized for: each "
-        "epoch passes over them 211 times, 376 steps of batch 32 at rate 0.00125"
+        "57 training images, fewer than the 48,000 the fast recipe is sized for: each "
+        "epoch passes over them 53 times, 95 steps of batch 32 at rate 0.000625"
     ) in output
     metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
     assert metrics["accuracy"] >= 0.9, metrics  # chance: a third

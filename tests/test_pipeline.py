@@ -172,7 +172,7 @@ def test_a_rejected_param_fails_at_once_and_dvc_checkout_restores_the_model(repo
 def test_metrics_and_params_diff_between_branches(branches):
     repo = branches.repo
     params = json.loads(sh(repo, "dvc", "params", "diff", "main", "--json"))
-    assert params == {"params.yaml": {"train.epochs": {"old": "preset", "new": 2}}}
+    assert params == {"params.yaml": {"train.epochs": {"old": 1, "new": 2, "diff": 1}}}
     old = json.loads(sh(repo, "git", "show", "main:data/evaluate/metrics.json"))
     new = json.loads((repo / "data/evaluate/metrics.json").read_text())
     metrics = json.loads(sh(repo, "dvc", "metrics", "diff", "main", "--all", "--json"))
@@ -201,7 +201,7 @@ def test_report_gives_the_exact_accuracy_delta_and_the_changed_param(branches, t
     old = json.loads(sh(repo, "git", "show", "main:data/evaluate/metrics.json"))["accuracy"]
     new = json.loads((repo / "data/evaluate/metrics.json").read_text())["accuracy"]
     assert f"| accuracy | {old:.4f} | {new:.4f} | {new - old:+.4f} |" in text
-    assert "| `train.epochs` | preset | 2 |" in text
+    assert "| `train.epochs` | 1 | 2 |" in text
     assert "report: **Test accuracy" in output
     for png in ("curves.png", "confusion.png", "errors.png"):
         figure = repo / "data/evaluate/plots" / png
@@ -259,7 +259,7 @@ def test_queued_experiments_run_with_their_own_overrides(repo, tmp_path):
     sh(repo, "dvc", "queue", "stop")
     found = shown_experiments(repo)
     assert (found["seed-7"][0]["seed"], found["seed-8"][0]["seed"]) == (7, 8)
-    assert found["seed-7"][0]["epochs"] == "preset"  # the rest as committed
+    assert found["seed-7"][0]["epochs"] == 1  # the rest as committed
     assert sh(repo, "git", "status", "--porcelain") == ""  # the workspace is untouched
 
 
