@@ -3,12 +3,14 @@ of data: <class>/<n>.png, one sub-folder per shape, each shape in a random colou
 place and slant, on a random background (a plain colour, a gradient or clutter).
 
     python -m tools.shapes data/shapes [--shapes circle square triangle] [--per-class 100]
-                                       [--size 64] [--grey] [--seed 0]
+                                       [--size 64] [--grey] [--colours N] [--turn 15]
+                                       [--seed 0]
 
-The folder must not exist yet (nothing is overwritten). Then:
+The folder must not exist yet (nothing is overwritten). Then (best: it learns the shapes,
+where compact would tell the images apart by their colours; docs/datasets.md):
     dvc add data/shapes
     dvc exp run -S fetch.source=data/shapes -S "fetch.image_size=[32, 32]" \\
-                -S fetch.channels=3 -S train.model=compact
+                -S fetch.channels=3 -S train.model=best
 """
 
 import argparse
