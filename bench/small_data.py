@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.common import load_params, print_machine
-from stages import fetch, prepare, train
+from stages import fetch, models, prepare, train
 from stages.common import run_cli
 from stages.evaluate import compute_metrics
 from tools.shapes import write_shapes
@@ -40,6 +40,8 @@ DATASETS = {
         32,
         1,
     ),
+    # Classes that are colours (any of three shapes): colour must not be recoloured away.
+    "colours3": ({"by_colour": ("red", "green", "blue"), "per_class": 100}, 32, 3),
 }
 
 
@@ -66,6 +68,7 @@ def run(name, preset, seed, root):
     fit_s = time.perf_counter() - start
     n = len(data["x_train"])
     resolved = train.with_recipe(p, n)
+    recolour = any(isinstance(layer, models.RandomRecolour) for layer in model.layers)
 
     def accuracy(split):
         probs = model.predict(data[f"x_{split}"], batch_size=256, verbose=0)
@@ -74,7 +77,8 @@ def run(name, preset, seed, root):
     chance = max(list(data["y_test"]).count(c) for c in range(len(classes))) / len(data["y_test"])
     return (
         f"{name} ({side}x{side}x{channels}, {len(classes)} classes, {n} training images) "
-        f"{preset}: {resolved.epochs} epochs of {train.passes(p, n)} passes, batch "
+        f"{preset}{', recoloured' if recolour else ''}: {resolved.epochs} epochs of "
+        f"{train.passes(p, n, recolour)} passes, batch "
         f"{resolved.batch_size}, rate {resolved.learning_rate:g}; validation "
         f"{accuracy('val'):.1%}, test {accuracy('test'):.1%} of {len(data['y_test'])} "
         f"(chance {chance:.1%}), fit {fit_s:.0f} s"

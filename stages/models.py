@@ -6,15 +6,15 @@ the .keras file they are saved in.
 - compact:   two batch-normalised conv blocks (32, 64 filters) and Dense 128, Adam on a
              cosine schedule; built for >= 99.4% test accuracy in a few minutes of CPU.
 - best:      compact plus a third conv block, dropout and light data augmentation (shifts,
-             rotations, zooms; colour images recoloured); Adam on a cosine schedule; built
-             for >= 99.6%, and for a few hundred colour images whose colours vary.
+             rotations, zooms); Adam on a cosine schedule; built for >= 99.6%.
 - fast:      Conv 24 5x5 -> Conv 32 3x3 -> one BatchNorm -> Dense 256 (215,322 parameters),
              Adam (betas 0.7, 0.9) on a one-cycle schedule, label smoothing 0.1; built
              for >= 99.0% after one epoch on all 60,000 images, whatever the seed, in
              seconds on a 2-core CPU.
 
 Every model ends in a float32 softmax, so mixed precision never computes the output
-probabilities in 16 bits.
+probabilities in 16 bits. `build(..., recolour=True)` puts RandomRecolour first
+(train.recolour: for compact and best on a few hundred colour images whose colours vary).
 """
 
 import json
@@ -58,7 +58,8 @@ class RandomRecolour(layers.Layer):
 
     On a few hundred colour images a network otherwise tells its training images apart by
     their colours, which fit them all and say nothing of new ones, and it never learns the
-    shapes. The price: colour alone cannot tell classes apart (docs/datasets.md)."""
+    shapes. The price: colour cannot tell classes apart (train.recolour decides;
+    docs/datasets.md)."""
 
     ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
@@ -117,12 +118,10 @@ def best(input_shape, num_classes):
     return keras.Sequential(
         [
             keras.Input(shape=input_shape),
-            # Active only in training: small shifts, rotations and zooms, as handwriting varies;
-            # colour images also recoloured, so that their colours cannot stand for them.
+            # Active only in training: small shifts, rotations and zooms, as handwriting varies.
             layers.RandomTranslation(0.1, 0.1, fill_mode="constant"),
             layers.RandomRotation(0.03, fill_mode="constant"),
             layers.RandomZoom(0.1, fill_mode="constant"),
-            *([RandomRecolour()] if input_shape[-1] == 3 else []),
             *conv_bn(32),
             *conv_bn(32),
             layers.MaxPooling2D(),  # (14, 14, 32)
@@ -195,12 +194,12 @@ RECIPES = {
 FAST_WARMUP = 0.2  # fraction of the steps spent ramping up to the peak rate
 
 
-def build(name, input_shape=MNIST_INPUT, num_classes=10):
+def build(name, input_shape=MNIST_INPUT, num_classes=10, recolour=False):
     """Returns the uncompiled model of preset `name` for images of `input_shape` (height,
-    width, channels) and `num_classes` classes; one line when the images are too small
-    for the preset's convolutions and poolings."""
+    width, channels) and `num_classes` classes, with RandomRecolour first if `recolour`;
+    one line when the images are too small for the preset's convolutions and poolings."""
     try:
-        return BUILDERS[name](tuple(input_shape), num_classes)
+        model = BUILDERS[name](tuple(input_shape), num_classes)
     except ValueError as e:  # Keras: a layer's output would have a size below 1
         height, width, _ = input_shape
         raise PipelineError(
@@ -208,6 +207,11 @@ def build(name, input_shape=MNIST_INPUT, num_classes=10):
             f"({str(e).splitlines()[0][:100]}); choose compact or best, or raise "
             "fetch.image_size"
         ) from None
+    if not recolour:
+        return model
+    return keras.Sequential(
+        [keras.Input(shape=input_shape), RandomRecolour(), *model.layers], name=model.name
+    )
 
 
 def optimizer(name, learning_rate, total_steps):

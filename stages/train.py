@@ -42,6 +42,7 @@ class Params(params.Section):
     batch_size: Annotated[int, Field(ge=1)] | Literal["preset"]  # global: split across replicas
     learning_rate: Annotated[float, Field(gt=0)] | Literal["preset"]  # the (peak) rate
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] | Literal["preset"]
+    recolour: Literal["auto", True, False]  # colour images recoloured in training (models.py)
     mixed_precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
     jit_compile: Literal["auto", True, False]
     deterministic: bool
@@ -65,6 +66,10 @@ from stages.machine import cpu_has_bf16
 FINGERPRINT = "fingerprint.json"
 RECIPE_KEYS = ("epochs", "batch_size", "learning_rate", "label_smoothing")  # may say "preset"
 SMALL_BATCH = 32  # the smallest batch a preset's own batch size shrinks to on few images
+RECOLOURING = ("compact", "best")  # the presets that `train.recolour: auto` may recolour for
+# An epoch of recoloured images makes this many times the recipe's steps: compact on 192
+# images of shapes in any colours learns no shapes in 6 epochs of 372 steps (docs/datasets.md)
+RECOLOURED_STEPS = 2
 
 
 def list_gpus():
@@ -139,21 +144,77 @@ def with_recipe(p, n_train):
     return p.model_copy(update=own)
 
 
-def passes(p, n_train):
+def passes(p, n_train, recolour=False):
     """How many times an epoch goes over the n_train training images: 1, except where
     train.epochs is the preset's and one pass makes fewer optimizer steps than an epoch of
-    the recipe on MNIST: then as many passes as make about as many steps."""
+    the recipe on MNIST: then as many passes as make about as many steps, or twice as many
+    when the images are recoloured (48 colourings of each take longer to learn)."""
     if p.epochs != "preset":
         return 1
     batch_size = with_recipe(p, n_train).batch_size
-    return max(1, round(models.RECIPES[p.model].steps_per_epoch * batch_size / n_train))
+    steps = models.RECIPES[p.model].steps_per_epoch * (RECOLOURED_STEPS if recolour else 1)
+    return max(1, round(steps * batch_size / n_train))
 
 
-def fingerprint(p, data, repeat=1):
-    """Identifies a training run (p resolved, `repeat` passes per epoch), so a checkpoint
-    is only resumed by the same run."""
-    h = hashlib.sha256(json.dumps(p.model_dump(), sort_keys=True).encode())
-    h.update(f"passes{repeat}".encode())
+def colour_accuracy(x, y, folds=5, levels=4, most=2_000):
+    """The share of images (at most `most` of x, evenly spaced) whose class their colours
+    alone name: each image is its histogram of levels**3 colours, and is named after the
+    nearest (L1) mean histogram of a class over the other folds' images."""
+    x, y = x[:: max(1, len(x) // most)], y[:: max(1, len(y) // most)]
+    n = len(x)
+    level = np.minimum((x * levels).astype(np.int32), levels - 1)  # (n, h, w, 3)
+    colour = (level[..., 0] * levels + level[..., 1]) * levels + level[..., 2]
+    bins = colour.reshape(n, -1) + levels**3 * np.arange(n)[:, None]  # one range per image
+    hist = np.bincount(bins.ravel(), minlength=n * levels**3).reshape(n, -1)
+    fold = np.arange(n) % folds
+    right = 0
+    for f in range(folds):
+        held, kept = fold == f, fold != f
+        classes = np.unique(y[kept])
+        means = np.stack([hist[kept & (y == c)].mean(axis=0) for c in classes])
+        nearest = classes[np.abs(hist[held, None, :] - means).sum(axis=-1).argmin(axis=1)]
+        right += int((nearest == y[held]).sum())
+    return right / n
+
+
+def check_recolour(p, channels):
+    if p.recolour is True and channels != 3:
+        raise PipelineError(
+            "train.recolour is true but the images are grey (fetch.channels 1): only colour "
+            "images can be recoloured; set train.recolour to auto or false"
+        )
+
+
+def recolours(p, x, y):
+    """Whether training recolours the images x (labels y): as train.recolour says, and for
+    auto, with compact and best on fewer colour images than their recipe is sized for
+    when the colours alone tell the classes apart little better than chance (no more
+    than a fifth of the way from chance to 100%), and so stand for nothing but the image."""
+    check_recolour(p, x.shape[-1])
+    if p.recolour != "auto":
+        return p.recolour
+    if x.shape[-1] != 3 or p.model not in RECOLOURING or len(x) >= models.MNIST_TRAIN:
+        return False
+    accuracy = colour_accuracy(x, y)
+    chance = np.bincount(y).max() / len(y)
+    recolour = bool(accuracy <= chance + 0.2 * (1 - chance))
+    print(
+        f"train: the colours alone name the class of {accuracy:.1%} of the training images "
+        f"(chance {chance:.1%}): "
+        + (
+            "recoloured in training, so that the model learns the shapes (train.recolour)"
+            if recolour
+            else "kept, as they tell the classes apart (train.recolour)"
+        )
+    )
+    return recolour
+
+
+def fingerprint(p, data):
+    """Identifies a training run (p as asked and as resolved for data), so a checkpoint is
+    only resumed by the same run."""
+    resolved = with_recipe(p, len(data["x_train"]))
+    h = hashlib.sha256(json.dumps([p.model_dump(), resolved.model_dump()]).encode())
     h.update(keras.backend.backend().encode())
     for name in ("x_train", "y_train", "x_val", "y_val"):
         h.update(f"{name}{data[name].shape}".encode())
@@ -182,8 +243,8 @@ def resumed_epoch(checkpoint_dir):
     return json.loads(metadata.read_text())["epoch"]
 
 
-def compile_model(p, steps_per_epoch, input_shape, num_classes):
-    model = models.build(p.model, input_shape, num_classes)
+def compile_model(p, steps_per_epoch, input_shape, num_classes, recolour=False):
+    model = models.build(p.model, input_shape, num_classes, recolour)
     model.compile(
         optimizer=models.optimizer(p.model, p.learning_rate, p.epochs * steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=p.label_smoothing),
@@ -200,7 +261,8 @@ def train_model(data, p, callbacks=(), verbose="auto", num_classes=10):
     verbose="auto": Keras' live progress bar on a terminal, one line per epoch otherwise
     (CI logs, `dvc exp run --queue`, a file)."""
     n_train = len(data["x_train"])
-    repeat = passes(p, n_train)
+    recolour = recolours(p, data["x_train"], data["y_train"])
+    repeat = passes(p, n_train, recolour)
     p = with_recipe(p, n_train)
     steps_per_epoch = math.ceil(repeat * n_train / p.batch_size)
     if repeat > 1:
@@ -225,11 +287,11 @@ def train_model(data, p, callbacks=(), verbose="auto", num_classes=10):
     strategy = make_strategy(p.distribute, gpus)
     shape = data["x_train"].shape[1:]
     if strategy is None:
-        model = compile_model(p, steps_per_epoch, shape, num_classes)
+        model = compile_model(p, steps_per_epoch, shape, num_classes, recolour)
     else:
         print(f"train: MirroredStrategy over {strategy.num_replicas_in_sync} replicas")
         with strategy.scope():
-            model = compile_model(p, steps_per_epoch, shape, num_classes)
+            model = compile_model(p, steps_per_epoch, shape, num_classes, recolour)
     print(f"train: preset {p.model}, {model.count_params():,} parameters, precision {policy}")
     has_val = len(data["x_val"]) > 0
     if verbose == "auto":
@@ -266,7 +328,7 @@ def verdict(history, y_val):
         return (
             f"validation accuracy {val:.1%} is far below the training accuracy {fit:.1%}: "
             "the model learned its training images rather than the classes. Add images, or "
-            "try the best preset (augmentation, and colour images recoloured)"
+            "try the best preset (augmentation)"
         )
     if val < chance + 0.1 * (1 - chance):
         return (
@@ -281,7 +343,8 @@ def settings_of(model, p, n_train):
     """What a trained model was trained with, `auto` and the preset's defaults resolved:
     recorded in the .keras file, because the run cache keys on params.yaml's words, so a
     model restored on another machine was trained where `auto` may have meant otherwise."""
-    repeat = passes(p, n_train)
+    recolour = any(isinstance(layer, models.RandomRecolour) for layer in model.layers)
+    repeat = passes(p, n_train, recolour)
     p = with_recipe(p, n_train)
     strategy = getattr(model, "distribute_strategy", None)  # TensorFlow backend only
     return {
@@ -296,6 +359,7 @@ def settings_of(model, p, n_train):
         "batch_size": p.batch_size,
         "learning_rate": p.learning_rate,
         "label_smoothing": p.label_smoothing,
+        "recolour": recolour,
     }
 
 
@@ -381,8 +445,9 @@ def main(argv=None):
     if p.feedback != "none":
         data = with_feedback(data, load_feedback(args.data), p.feedback)
     info = load_info(args.data)
+    check_recolour(p, data["x_train"].shape[-1])
     n_train = len(data["x_train"])
-    fp = fingerprint(with_recipe(p, n_train), data, passes(p, n_train))
+    fp = fingerprint(p, data)
     resume = can_resume(args.checkpoint, fp)
     epochs_done = resumed_epoch(args.checkpoint) if resume else 0
     if resume:

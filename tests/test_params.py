@@ -119,8 +119,8 @@ def test_every_bad_key_is_named_at_once_in_one_line():
         "params.yaml: train.seed must be an integer >= 0, got -1; "
         "train.epochs must be an integer >= 1 or preset, got 0; "
         "unknown key train.momentum; allowed keys: model, seed, epochs, batch_size, "
-        "learning_rate, label_smoothing, mixed_precision, jit_compile, deterministic, "
-        "distribute, feedback"
+        "learning_rate, label_smoothing, recolour, mixed_precision, jit_compile, "
+        "deterministic, distribute, feedback"
     )
 
 

@@ -27,6 +27,16 @@ def test_it_writes_one_folder_per_shape_of_colour_images_that_differ(tmp_path):
     assert {Image.open(p).mode for p in grey.rglob("*.png")} == {"L"}
 
 
+def test_classes_that_are_colours_hold_shapes_in_their_class_s_colour(tmp_path):
+    out = shapes.write_shapes(tmp_path / "c", ("square",), 4, 32, by_colour=("red", "blue"))
+    assert sorted(p.name for p in out.iterdir()) == ["blue", "red"]
+    for name in ("red", "blue"):
+        for path in (out / name).glob("*.png"):
+            pixels = np.asarray(Image.open(path)).reshape(-1, 3).astype(int)
+            # A square of side >= 8 pixels (radius >= 18% of 32) in the class's colour.
+            assert (np.abs(pixels - shapes.COLOURS[name]).sum(axis=1) < 30).sum() >= 30, path
+
+
 def test_it_overwrites_nothing_and_says_what_is_wrong_in_one_line(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("mine")
@@ -35,6 +45,10 @@ def test_it_overwrites_nothing_and_says_what_is_wrong_in_one_line(tmp_path):
         (
             [str(tmp_path / "new"), "--shapes", "circle", "blob"],
             "--shapes circle blob: give 2 or more of circle, square, triangle, star, cross, ring",
+        ),
+        (
+            [str(tmp_path / "new"), "--by-colour", "red", "teal"],
+            "--by-colour red teal: give 2 or more of red, green, blue, yellow, purple, orange",
         ),
     ):
         run = subprocess.run(

@@ -122,6 +122,10 @@ def test_a_preset_s_epoch_makes_its_recipe_s_steps_whatever_the_dataset_s_size(w
     assert resolved(192, model="compact", batch_size=64) == (6, 125, 64, 0.005, 0.0)
     assert resolved(192, model="compact", learning_rate=0.01) == (6, 62, 32, 0.01, 0.0)
     assert resolved(192, model="fast", label_smoothing=0) == (1, 16, 32, 0.000625, 0.0)
+    # Recoloured images: twice the steps, 750 per epoch; a number of epochs is still Keras'.
+    compact = train.params.load(train.Params).model_copy(update={"model": "compact"})
+    assert train.passes(compact, 192, recolour=True) == 125
+    assert train.passes(compact.model_copy(update={"epochs": 5}), 192, recolour=True) == 1
 
 
 def test_saving_the_same_weights_twice_gives_the_same_bytes(tmp_path):
@@ -383,12 +387,66 @@ def test_recolouring_gives_each_image_its_channels_reordered_and_inverted_in_tra
         assert sorted(p % 3 for p in picks) == [0, 1, 2]  # each channel once
         seen.add(tuple(picks))
     assert len(seen) > 20  # of the 48 colourings
-    # Only best, and only for colour images; saved and loaded with the model.
-    best = models.build("best", (16, 16, 3), 3)
-    assert any(isinstance(layer, models.RandomRecolour) for layer in best.layers)
+    # Asked for: the first layer, saved and loaded with the model; else no preset has it.
+    best = models.build("best", (16, 16, 3), 3, recolour=True)
+    assert isinstance(best.layers[0], models.RandomRecolour)
     models.save_model(best, tmp_path / "best.keras")
     loaded = models.load_model(tmp_path / "best.keras")
     assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in best.layers]
-    for name, shape in (("best", (16, 16, 1)), ("compact", (16, 16, 3))):
-        built = models.build(name, shape, 3)
+    for name in models.BUILDERS:
+        built = models.build(name, (28, 28, 3), 3)
         assert not any(isinstance(layer, models.RandomRecolour) for layer in built.layers)
+
+
+def single_colours(colours_by_class, repeat=5):
+    """Images of 2x2 pixels of one colour each: `repeat` of each colour of each class."""
+    x = np.array([[c] * 4 for cs in colours_by_class for c in cs for _ in range(repeat)])
+    y = np.array([k for k, cs in enumerate(colours_by_class) for _ in cs for _ in range(repeat)])
+    return x.reshape(-1, 2, 2, 3).astype(np.float32), y
+
+
+RED, GREEN, BLUE, GREY = (0.9, 0.1, 0.1), (0.1, 0.9, 0.1), (0.1, 0.1, 0.9), (0.5, 0.5, 0.5)
+
+
+def test_colour_accuracy_is_the_share_of_images_their_colours_alone_name():
+    # Each class its own colours: every held-out image is nearest its own class's mean.
+    assert train.colour_accuracy(*single_colours([[RED, GREEN], [BLUE, GREY]])) == 1.0
+    # Both classes in the same colours, in the same order: the class means are equal, and a
+    # tie names the first class, which is right for half of the images.
+    assert train.colour_accuracy(*single_colours([[RED, BLUE], [RED, BLUE]])) == 0.5
+
+
+def test_auto_recolours_compact_and_best_on_small_colour_data_whose_colours_say_nothing(
+    workdir, capsys
+):
+    write_params(Path("params.yaml"))
+    p = train.params.load(train.Params)
+    assert p.recolour == "auto"
+    say_nothing = single_colours([[RED, BLUE, GREEN], [GREEN, RED, BLUE]])
+    name_the_class = single_colours([[RED, GREEN], [BLUE, GREY]])
+    compact = p.model_copy(update={"model": "compact"})
+    best = p.model_copy(update={"model": "best"})
+    assert train.recolours(compact, *say_nothing) is True
+    assert capsys.readouterr().out == (
+        "train: the colours alone name the class of 50.0% of the training images (chance "
+        "50.0%): recoloured in training, so that the model learns the shapes (train.recolour)\n"
+    )
+    assert train.recolours(best, *name_the_class) is False
+    kept = "kept, as they tell the classes apart (train.recolour)\n"
+    assert capsys.readouterr().out.endswith(kept)
+    # Not the other presets, nor grey images, nor as many images as a recipe is sized for.
+    assert train.recolours(p.model_copy(update={"model": "fast"}), *say_nothing) is False
+    x, y = say_nothing
+    assert train.recolours(compact, x[..., :1], y) is False
+    many = np.resize(x, (models.MNIST_TRAIN, 2, 2, 3)), np.resize(y, models.MNIST_TRAIN)
+    assert train.recolours(compact, *many) is False
+    assert capsys.readouterr().out == ""
+    # true and false are obeyed; true on grey images is one line.
+    assert train.recolours(p.model_copy(update={"recolour": True}), *name_the_class) is True
+    assert train.recolours(compact.model_copy(update={"recolour": False}), *say_nothing) is False
+    with pytest.raises(train.PipelineError) as error:
+        train.recolours(p.model_copy(update={"recolour": True}), x[..., :1], y)
+    assert str(error.value) == (
+        "train.recolour is true but the images are grey (fetch.channels 1): only colour images "
+        "can be recoloured; set train.recolour to auto or false"
+    )

@@ -23,6 +23,14 @@ from PIL import Image, ImageDraw, ImageFilter
 from stages.common import PipelineError, atomic_dir, run_cli
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
+COLOURS = {  # for classes that are colours (--by-colour)
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 215, 40),
+    "purple": (150, 50, 190),
+    "orange": (245, 140, 30),
+}
 BACKGROUNDS = ("plain", "gradient", "clutter")
 
 
@@ -92,11 +100,14 @@ def outline(shape, cx, cy, r, turn):
     raise ValueError(shape)
 
 
-def draw_shape(rng, shape, size, turn, palette=()):
-    """One image of `shape`: radius 18-40% of the side, anywhere it fits, turned by up to
-    `turn` degrees either way from upright."""
-    image, behind = background(rng, size, palette)
-    fill = colour(rng, palette, unlike=behind)
+def draw_shape(rng, shape, size, turn, palette=(), fill=None):
+    """One image of `shape` (in colour `fill`, else a random one): radius 18-40% of the
+    side, anywhere it fits, turned by up to `turn` degrees either way from upright."""
+    while True:
+        image, behind = background(rng, size, palette)
+        if fill is None or sum(abs(a - b) for a, b in zip(fill, behind, strict=True)) >= 120:
+            break
+    fill = fill or colour(rng, palette, unlike=behind)
     r = float(rng.uniform(0.18, 0.40)) * size
     cx, cy = (float(rng.uniform(r, size - r)) for _ in range(2))
     draw = ImageDraw.Draw(image)
@@ -116,26 +127,47 @@ def draw_shape(rng, shape, size, turn, palette=()):
 
 
 def write_shapes(
-    out, shapes=SHAPES[:3], per_class=100, size=64, grey=False, seed=0, turn=15, colours=0
+    out,
+    shapes=SHAPES[:3],
+    per_class=100,
+    size=64,
+    grey=False,
+    seed=0,
+    turn=15,
+    colours=0,
+    by_colour=(),
 ):
     """Writes per_class images of each shape to out/<shape>/<n>.png; out must not exist.
-    colours: how many colours shapes and backgrounds are drawn from (0: any)."""
+    colours: how many colours shapes and backgrounds are drawn from (0: any). by_colour:
+    names of COLOURS that are the classes instead, out/<colour>/<n>.png, each image one
+    of `shapes` in its class's colour on any background."""
     out = Path(out)
     if out.exists():
         raise PipelineError(f"{out} exists; name a new folder (nothing is overwritten)")
     unknown = sorted(set(shapes) - set(SHAPES))
-    if unknown or len(set(shapes)) < 2:
-        raise PipelineError(f"--shapes {' '.join(shapes)}: give 2 or more of {', '.join(SHAPES)}")
+    need = 1 if by_colour else 2  # classes that are colours may all be one shape
+    if unknown or len(set(shapes)) < need:
+        raise PipelineError(
+            f"--shapes {' '.join(shapes)}: give {need} or more of {', '.join(SHAPES)}"
+        )
+    if sorted(set(by_colour) - set(COLOURS)) or len(set(by_colour)) == 1:
+        raise PipelineError(
+            f"--by-colour {' '.join(by_colour)}: give 2 or more of {', '.join(COLOURS)}"
+        )
     rng = np.random.default_rng(seed)
     palette = []
     while len(palette) < colours:  # each far enough from the others to draw on any of them
         palette.append(colour(rng, (), unlike=palette[-1] if palette else None))
     with atomic_dir(out) as tmp:
-        for shape in shapes:
-            (tmp / shape).mkdir()
+        for name in by_colour or shapes:
+            (tmp / name).mkdir()
             for i in range(per_class):
-                image = draw_shape(rng, shape, size, turn, palette)
-                (image.convert("L") if grey else image).save(tmp / shape / f"{i:04d}.png")
+                if by_colour:
+                    shape = shapes[rng.integers(len(shapes))]
+                    image = draw_shape(rng, shape, size, turn, palette, COLOURS[name])
+                else:
+                    image = draw_shape(rng, name, size, turn, palette)
+                (image.convert("L") if grey else image).save(tmp / name / f"{i:04d}.png")
     return out
 
 
@@ -164,6 +196,14 @@ def main(argv=None):
         default=0,
         help="draw shapes and backgrounds from this many colours (0: any)",
     )
+    parser.add_argument(
+        "--by-colour",
+        nargs="+",
+        default=[],
+        metavar="COLOUR",
+        help=f"classes that are colours instead, 2 or more of: {', '.join(COLOURS)}; "
+        "each image one of --shapes in its class's colour",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.per_class < 1 or args.size < 16:
@@ -177,8 +217,11 @@ def main(argv=None):
         args.seed,
         args.turn,
         args.colours,
+        args.by_colour,
     )
-    print(f"shapes: wrote {len(args.shapes) * args.per_class} images in {out}/<shape>/")
+    classes = args.by_colour or args.shapes
+    kind = "colour" if args.by_colour else "shape"
+    print(f"shapes: wrote {len(classes) * args.per_class} images in {out}/<{kind}>/")
 
 
 if __name__ == "__main__":
