@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from bench import export_speed, fast_seeds, feedback_loop, serve_load, train_speed
+from bench import export_speed, fast_seeds, feedback_loop, kernels, serve_load, train_speed
 from bench import predict_real_world as real_world
 from bench import time_to_accuracy as tta
 from stages import models, preprocess
@@ -471,3 +471,28 @@ def test_mnist_digits_read_the_same_however_cropped_and_their_own_images_unchang
     assert unlike == {name: [8] if "one edge" in name else [] for name in real_world.CROPS}
     own = np.stack([prepared(real_world.png(digit)[0]) for digit in digits])
     assert np.abs(own - digits.reshape(12, -1) / 255).mean() < 0.01
+
+
+def test_kernel_times_sum_each_kernel_per_step_leaving_out_the_first_two_steps():
+    def line(primitive, propagation, shapes, ms):
+        return (
+            f"onednn_verbose,v1,primitive,exec,cpu,{primitive},jit:avx2,{propagation},"
+            f"src:f32::blocked:acdb::f0,,alg:x,{shapes},{ms}"
+        )
+
+    step = [
+        line("reorder", "undef", "32x24x3x3", 0.5),
+        line("convolution", "forward_training", "mb8_ic1oc24", 2.0),
+        line("convolution", "backward_weights", "mb8_ic1oc24", 3.0),
+    ]
+    lines = ["onednn_verbose,v1,info,cpu,isa:Intel AVX2", *step * 5, "train: fit took 1 s"]
+    times, steps = kernels.kernel_times(lines)
+    assert steps == 3  # a step starts at the first forward kernel: 5 of them, 2 left out
+    assert times == {
+        ("convolution", "jit:avx2", "forward_training", "mb8_ic1oc24"): 6.0,
+        ("convolution", "jit:avx2", "backward_weights", "mb8_ic1oc24"): 9.0,
+        # the reorder before step 3's first forward kernel is step 2's, left out
+        ("reorder", "jit:avx2", "undef", "32x24x3x3"): 1.0,
+    }
+    with pytest.raises(kernels.PipelineError, match="no ONEDNN_VERBOSE exec lines"):
+        kernels.kernel_times(["train: fit took 1 s"])

@@ -201,19 +201,28 @@ def test_float32_export_further_from_the_bf16_model_than_allowed_fails(trained, 
     assert error.endswith(" (export.precision_tolerance: 1e-09)\n")
 
 
-@pytest.mark.parametrize("preset", ["reference", "best"])
-def test_float32_copy_of_each_preset_exports_to_onnx(preset, tmp_path):
-    # best has augmentation layers: they become Identity, or ONNX would get random ops.
+@pytest.mark.parametrize(
+    ("preset", "shape", "recolour"),
+    [
+        ("reference", (28, 28, 1), False),
+        ("best", (28, 28, 1), False),
+        ("compact", (16, 16, 3), True),
+    ],
+)
+def test_float32_copy_of_each_preset_exports_to_onnx(preset, shape, recolour, tmp_path):
+    # best's augmentation layers and RandomRecolour become Identity, or ONNX would get
+    # random ops.
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     try:
-        model = models.build(preset)
+        model = models.build(preset, shape, 10, recolour)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
+    assert isinstance(model.layers[0], models.RandomRecolour) == recolour
     copy = export.float32_copy(model)
     assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
     assert not [layer for layer in copy.layers if type(layer).__name__.startswith("Random")]
     copy.export(str(tmp_path / "m.onnx"), format="onnx", verbose=False)
-    x = np.random.default_rng(0).uniform(0, 1, (8, 28, 28, 1)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(0, 1, (8, *shape)).astype(np.float32)
     onnx_probs = export.onnx_runner(export.onnx_session(tmp_path / "m.onnx"))(x)
     np.testing.assert_allclose(onnx_probs, copy.predict_on_batch(x), atol=1e-5)
 

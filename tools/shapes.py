@@ -4,13 +4,14 @@ place and slant, on a random background (a plain colour, a gradient or clutter).
 
     python -m tools.shapes data/shapes [--shapes circle square triangle] [--per-class 100]
                                        [--size 64] [--grey] [--colours N] [--turn 15]
-                                       [--seed 0]
+                                       [--by-colour red green blue] [--seed 0]
 
-The folder must not exist yet (nothing is overwritten). Then (best: it learns the shapes,
-where compact would tell the images apart by their colours; docs/datasets.md):
+With --by-colour the classes are colours instead: <colour>/<n>.png, each image one of
+--shapes in its class's colour. The folder must not exist yet (nothing is overwritten).
+Then (docs/datasets.md, "Small datasets"):
     dvc add data/shapes
     dvc exp run -S fetch.source=data/shapes -S "fetch.image_size=[32, 32]" \\
-                -S fetch.channels=3 -S train.model=best
+                -S fetch.channels=3 -S train.model=compact
 """
 
 import argparse
