@@ -71,6 +71,10 @@ def test_the_line_names_the_gpus_first_and_rounds_the_ceilings():
         "machine: GPU NVIDIA H100, Intel Xeon, AMX, 16 cores, "
         "ceilings float32 383 / bfloat16 771 GFLOP/s"
     )
+    assert command.format_line(cpu, [], ceilings, "AVX2") == (
+        f"machine: {cpu}, oneDNN limited to AVX2 (ONEDNN_MAX_CPU_ISA), "
+        "ceilings float32 383 / bfloat16 771 GFLOP/s"
+    )
 
 
 def test_the_ceiling_counts_the_reference_models_largest_convolution():

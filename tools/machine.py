@@ -12,6 +12,7 @@ what docs/benchmarks.md divides a training speed by for its "of ceiling" figures
 """
 
 import argparse
+import os
 import time
 
 from stages import machine
@@ -54,9 +55,13 @@ def measure():
     return gpus, {name: conv_gflops(tf, name) for name in ("float32", "bfloat16")}
 
 
-def format_line(cpu, gpus=(), ceilings=None):
-    """'machine: [GPU name, ...]cpu[, ceilings float32 F / bfloat16 B GFLOP/s]'."""
+def format_line(cpu, gpus=(), ceilings=None, isa=None):
+    """'machine: [GPU name, ...]cpu[, oneDNN limited to ISA][, ceilings float32 F /
+    bfloat16 B GFLOP/s]'; isa: ONEDNN_MAX_CPU_ISA, under which a CPU runs a lesser one's
+    kernels (AVX2 on an AVX-512 CPU), so its figures are named by both."""
     parts = [*(f"GPU {name}" for name in gpus), cpu]
+    if isa:
+        parts.append(f"oneDNN limited to {isa} (ONEDNN_MAX_CPU_ISA)")
     if ceilings:
         speeds = " / ".join(f"{dtype} {gflops:.0f}" for dtype, gflops in ceilings.items())
         parts.append(f"ceilings {speeds} GFLOP/s")
@@ -65,7 +70,8 @@ def format_line(cpu, gpus=(), ceilings=None):
 
 def machine_line(ceilings=True):
     """This machine's line; with `ceilings`, GPUs and ceilings measured by TensorFlow."""
-    return format_line(machine.describe_cpu(), *(measure() if ceilings else ()))
+    measured = measure() if ceilings else ((), None)
+    return format_line(machine.describe_cpu(), *measured, os.environ.get("ONEDNN_MAX_CPU_ISA"))
 
 
 def main(argv=None):
