@@ -78,7 +78,7 @@ def run(name, preset, seed, root):
     return (
         f"{name} ({side}x{side}x{channels}, {len(classes)} classes, {n} training images) "
         f"{preset}{', recoloured' if recolour else ''}: {resolved.epochs} epochs of "
-        f"{train.passes(p, n, recolour)} passes, batch "
+        f"{train.passes(p, n)} passes, batch "
         f"{resolved.batch_size}, rate {resolved.learning_rate:g}; validation "
         f"{accuracy('val'):.1%}, test {accuracy('test'):.1%} of {len(data['y_test'])} "
         f"(chance {chance:.1%}), fit {fit_s:.0f} s"

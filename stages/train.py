@@ -67,9 +67,6 @@ FINGERPRINT = "fingerprint.json"
 RECIPE_KEYS = ("epochs", "batch_size", "learning_rate", "label_smoothing")  # may say "preset"
 SMALL_BATCH = 32  # the smallest batch a preset's own batch size shrinks to on few images
 RECOLOURING = ("compact", "best")  # the presets that `train.recolour: auto` may recolour for
-# An epoch of recoloured images makes this many times the recipe's steps: compact on 192
-# images of shapes in any colours learns no shapes in 6 epochs of 372 steps (docs/datasets.md)
-RECOLOURED_STEPS = 2
 
 
 def list_gpus():
@@ -144,16 +141,14 @@ def with_recipe(p, n_train):
     return p.model_copy(update=own)
 
 
-def passes(p, n_train, recolour=False):
+def passes(p, n_train):
     """How many times an epoch goes over the n_train training images: 1, except where
     train.epochs is the preset's and one pass makes fewer optimizer steps than an epoch of
-    the recipe on MNIST: then as many passes as make about as many steps, or twice as many
-    when the images are recoloured (48 colourings of each take longer to learn)."""
+    the recipe on MNIST: then as many passes as make about as many steps."""
     if p.epochs != "preset":
         return 1
     batch_size = with_recipe(p, n_train).batch_size
-    steps = models.RECIPES[p.model].steps_per_epoch * (RECOLOURED_STEPS if recolour else 1)
-    return max(1, round(steps * batch_size / n_train))
+    return max(1, round(models.RECIPES[p.model].steps_per_epoch * batch_size / n_train))
 
 
 def colour_accuracy(x, y, folds=5, levels=4, most=2_000):
@@ -262,7 +257,7 @@ def train_model(data, p, callbacks=(), verbose="auto", num_classes=10):
     (CI logs, `dvc exp run --queue`, a file)."""
     n_train = len(data["x_train"])
     recolour = recolours(p, data["x_train"], data["y_train"])
-    repeat = passes(p, n_train, recolour)
+    repeat = passes(p, n_train)
     p = with_recipe(p, n_train)
     steps_per_epoch = math.ceil(repeat * n_train / p.batch_size)
     if repeat > 1:
@@ -343,8 +338,7 @@ def settings_of(model, p, n_train):
     """What a trained model was trained with, `auto` and the preset's defaults resolved:
     recorded in the .keras file, because the run cache keys on params.yaml's words, so a
     model restored on another machine was trained where `auto` may have meant otherwise."""
-    recolour = any(isinstance(layer, models.RandomRecolour) for layer in model.layers)
-    repeat = passes(p, n_train, recolour)
+    repeat = passes(p, n_train)
     p = with_recipe(p, n_train)
     strategy = getattr(model, "distribute_strategy", None)  # TensorFlow backend only
     return {
@@ -359,7 +353,7 @@ def settings_of(model, p, n_train):
         "batch_size": p.batch_size,
         "learning_rate": p.learning_rate,
         "label_smoothing": p.label_smoothing,
-        "recolour": recolour,
+        "recolour": any(isinstance(layer, models.RandomRecolour) for layer in model.layers),
     }
 
 

@@ -122,10 +122,6 @@ def test_a_preset_s_epoch_makes_its_recipe_s_steps_whatever_the_dataset_s_size(w
     assert resolved(192, model="compact", batch_size=64) == (6, 125, 64, 0.005, 0.0)
     assert resolved(192, model="compact", learning_rate=0.01) == (6, 62, 32, 0.01, 0.0)
     assert resolved(192, model="fast", label_smoothing=0) == (1, 16, 32, 0.000625, 0.0)
-    # Recoloured images: twice the steps, 750 per epoch; a number of epochs is still Keras'.
-    compact = train.params.load(train.Params).model_copy(update={"model": "compact"})
-    assert train.passes(compact, 192, recolour=True) == 125
-    assert train.passes(compact.model_copy(update={"epochs": 5}), 192, recolour=True) == 1
 
 
 def test_saving_the_same_weights_twice_gives_the_same_bytes(tmp_path):
