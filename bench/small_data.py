@@ -16,8 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from bench.common import load_params, print_machine
-from stages import fetch, models, prepare, train
+from stages import fetch, prepare, train
 from stages.common import run_cli
 from stages.evaluate import compute_metrics
 from tools.shapes import write_shapes
@@ -67,19 +69,18 @@ def run(name, preset, seed, root):
     model = train.train_model(data, p, verbose=0, num_classes=len(classes))
     fit_s = time.perf_counter() - start
     n = len(data["x_train"])
-    resolved = train.with_recipe(p, n)
-    recolour = any(isinstance(layer, models.RandomRecolour) for layer in model.layers)
+    settings = train.settings_of(model, p, n)  # as the .keras file records them
 
     def accuracy(split):
         probs = model.predict(data[f"x_{split}"], batch_size=256, verbose=0)
         return compute_metrics(data[f"y_{split}"], probs)["accuracy"]
 
-    chance = max(list(data["y_test"]).count(c) for c in range(len(classes))) / len(data["y_test"])
+    chance = np.bincount(data["y_test"]).max() / len(data["y_test"])
     return (
         f"{name} ({side}x{side}x{channels}, {len(classes)} classes, {n} training images) "
-        f"{preset}{', recoloured' if recolour else ''}: {resolved.epochs} epochs of "
-        f"{train.passes(p, n)} passes, batch "
-        f"{resolved.batch_size}, rate {resolved.learning_rate:g}; validation "
+        f"{preset}{', recoloured' if settings['recolour'] else ''}: {settings['epochs']} epochs of "
+        f"{settings['passes_per_epoch']} passes, batch {settings['batch_size']}, rate "
+        f"{settings['learning_rate']:g}; validation "
         f"{accuracy('val'):.1%}, test {accuracy('test'):.1%} of {len(data['y_test'])} "
         f"(chance {chance:.1%}), fit {fit_s:.0f} s"
     )
